@@ -1,0 +1,50 @@
+# dishpatch developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# Build output lives outside the clone so every clone (and CI) reuses it.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
+export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
+CARGO ?= cargo
+
+.PHONY: help up down status clean test test-unit lint fmt crds build
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+up: ## Start the local platform (control plane, CRDs, examples); safe to run twice
+	@hack/cluster.sh up
+	@kubectl apply -f examples/restaurant.yaml -f examples/couriers.yaml >/dev/null
+	@echo
+	@echo "dishpatch is up. Point kubectl at it with:"
+	@echo "  export KUBECONFIG=$(KUBECONFIG)"
+	@echo "then try: kubectl apply -f examples/ && kubectl get dishpatch"
+
+down: ## Stop everything `make up` started (state is kept in .dev/)
+	@hack/cluster.sh down
+
+status: ## Show what runs
+	@hack/cluster.sh status
+
+clean: ## Stop everything and delete local state (.dev/)
+	@hack/cluster.sh clean
+
+build: ## Build every crate
+	$(CARGO) build --workspace --all-targets
+
+test: ## Run every test (unit, property and integration) against the real local control plane
+	@hack/cluster.sh up
+	$(CARGO) test --workspace --no-fail-fast
+
+test-unit: ## Run only the tests that need no control plane
+	$(CARGO) test --workspace --lib --bins
+
+lint: ## cargo fmt --check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+crds: ## Regenerate crds/ from the Rust types
+	$(CARGO) run -q -p dishpatch-operator -- crds --out-dir crds

@@ -1,0 +1,134 @@
+//! The `Restaurant` custom resource: a kitchen with a menu.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A restaurant as its manager declares it.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "dishpatch.dev",
+    version = "v1alpha1",
+    kind = "Restaurant",
+    plural = "restaurants",
+    shortname = "rest",
+    category = "dishpatch",
+    namespaced,
+    status = "RestaurantStatus",
+    derive = "PartialEq",
+    doc = "A restaurant: its menu, kitchen capacity and whether it takes orders.",
+    printcolumn(name = "Open", type_ = "boolean", json_path = ".spec.open"),
+    printcolumn(
+        name = "Menu items",
+        type_ = "integer",
+        json_path = ".status.menuItems"
+    ),
+    printcolumn(
+        name = "Zone",
+        type_ = "string",
+        json_path = ".spec.zone",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RestaurantSpec {
+    #[schemars(length(min = 1, max = 100))]
+    pub display_name: String,
+    /// Delivery zone; couriers in the same zone deliver its orders.
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub zone: String,
+    /// Whether the restaurant takes new orders.
+    pub open: bool,
+    /// ISO 4217 currency of every price on the menu.
+    #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
+    pub currency: String,
+    pub kitchen: KitchenSpec,
+    /// The menu, keyed by item id.
+    #[schemars(length(min = 1, max = 200))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["id".into()]))]
+    pub menu: Vec<MenuItem>,
+}
+
+/// The kitchen's shape.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KitchenSpec {
+    /// Orders prepared in parallel; more wait in FIFO order.
+    #[schemars(range(min = 1, max = 100))]
+    pub capacity: i32,
+}
+
+/// One dish.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MenuItem {
+    /// Stable id that orders refer to (a DNS label).
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub id: String,
+    #[schemars(length(min = 1, max = 100))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 500))]
+    pub description: Option<String>,
+    /// Unit price in minor units of `spec.currency` (1250 EUR = 12.50 EUR).
+    #[schemars(range(min = 0, max = 100_000_000))]
+    pub price: i64,
+    /// Preparation time of one portion, in seconds.
+    #[schemars(range(min = 1, max = 7200))]
+    pub prep_time_seconds: i32,
+    /// Portions the restaurant offers; absent means unlimited. Raise it to
+    /// restock: the operator tracks what orders hold in `status.inventory`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1_000_000))]
+    pub stock: Option<i64>,
+}
+
+/// Observed state, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RestaurantStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
+    /// Number of dishes on the menu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub menu_items: Option<i32>,
+    /// Stock held by orders, per menu item that has a stock limit.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["menuItem".into()]))]
+    pub inventory: Vec<InventoryEntry>,
+}
+
+/// Stock bookkeeping for one menu item.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InventoryEntry {
+    pub menu_item: String,
+    /// Portions held by accepted orders (released when an order is rejected or cancelled).
+    #[schemars(range(min = 0))]
+    pub reserved: i64,
+    /// `stock - reserved`.
+    #[schemars(range(min = 0))]
+    pub available: i64,
+}
+
+impl RestaurantSpec {
+    /// The menu item with this id.
+    pub fn item(&self, id: &str) -> Option<&MenuItem> {
+        self.menu.iter().find(|m| m.id == id)
+    }
+}

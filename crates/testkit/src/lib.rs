@@ -1,0 +1,195 @@
+//! Test helpers for integration tests that run against the real local control
+//! plane started by `hack/cluster.sh up` (`make up` / `make test`).
+//!
+//! Every test gets its own namespace, so tests run in parallel against one
+//! apiserver and clean up after themselves, even when they panic.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::wait::{await_condition, conditions};
+use kube::{Client, Config};
+use tokio::io::AsyncWriteExt;
+
+/// What went wrong while preparing a test.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no control plane: {path} is missing. Start it with `make up` (or run `make test`), or set KUBECONFIG"
+    )]
+    NoKubeconfig { path: String },
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("waiting for {what}: {source}")]
+    Wait {
+        what: String,
+        source: kube::runtime::wait::Error,
+    },
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+    #[error("running kubectl: {0}")]
+    Kubectl(#[from] std::io::Error),
+    #[error("crd yaml: {0}")]
+    Yaml(String),
+}
+
+/// The workspace root (where `.dev/` and `crds/` live).
+pub fn workspace_root() -> PathBuf {
+    // crates/testkit → ../..
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The kubeconfig tests use: `$KUBECONFIG`, else `.dev/kubeconfig`.
+pub fn kubeconfig_path() -> PathBuf {
+    match std::env::var_os("KUBECONFIG") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => workspace_root().join(".dev/kubeconfig"),
+    }
+}
+
+/// A client for the local control plane, as its admin.
+pub async fn client() -> Result<Client, Error> {
+    let path = kubeconfig_path();
+    if !path.exists() {
+        return Err(Error::NoKubeconfig {
+            path: path.display().to_string(),
+        });
+    }
+    let kubeconfig = Kubeconfig::read_from(&path)?;
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// Applies the CRDs generated from the Rust types (server-side apply) and
+/// waits until the apiserver serves them. Idempotent.
+pub async fn ensure_crds(client: &Client) -> Result<(), Error> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let params = PatchParams::apply("dishpatch-testkit").force();
+    for crd in dishpatch_api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &params, &Patch::Apply(&crd)).await?;
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        match tokio::time::timeout(Duration::from_secs(30), established).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(source)) => {
+                return Err(Error::Wait {
+                    what: format!("CRD {name}"),
+                    source,
+                });
+            }
+            Err(_) => return Err(Error::Timeout(format!("CRD {name} to be established"))),
+        }
+    }
+    Ok(())
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A namespace that exists for one test and is deleted when dropped.
+pub struct TestNamespace {
+    pub name: String,
+    pub client: Client,
+}
+
+/// Label on every test namespace, so a sweep can find leftovers.
+pub const TEST_LABEL: &str = "dishpatch.dev/test";
+
+impl TestNamespace {
+    /// Creates `dp-<prefix>-<unique>`.
+    pub async fn create(client: &Client, prefix: &str) -> Result<Self, Error> {
+        let unique = format!(
+            "{:x}{:x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut name = format!("dp-{prefix}-{unique}");
+        name.truncate(63);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Namespace",
+            "metadata": { "name": name, "labels": { TEST_LABEL: "true" } }
+        }))
+        .map_err(|e| Error::Yaml(e.to_string()))?;
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await?;
+        Ok(Self {
+            name,
+            client: client.clone(),
+        })
+    }
+
+    /// A typed API in this namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        // Drop can't await; delete from a helper thread with its own runtime so
+        // cleanup also happens when the test panicked.
+        let client = self.client.clone();
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let _ = Api::<Namespace>::all(client)
+                    .delete(&name, &DeleteParams::background())
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Output of a `kubectl` run.
+#[derive(Debug)]
+pub struct KubectlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the real `kubectl` against the local control plane, with `stdin` piped in.
+pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<KubectlOutput, Error> {
+    let mut cmd = tokio::process::Command::new("kubectl");
+    cmd.env("KUBECONFIG", kubeconfig_path())
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn()?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes()).await?;
+        drop(pipe);
+    }
+    let out = child.wait_with_output().await?;
+    Ok(KubectlOutput {
+        success: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

@@ -1,0 +1,203 @@
+#!/usr/bin/env bash
+# The local control plane: a real etcd, kube-apiserver and kube-controller-manager
+# on loopback, as plain processes. Shared by `make up`, `make down` and `make test`.
+#
+#   hack/cluster.sh up       start what is not running (idempotent), apply the CRDs
+#   hack/cluster.sh down     stop everything this script started
+#   hack/cluster.sh status   what runs, and where
+#   hack/cluster.sh clean    down, then delete all local state (.dev/)
+#
+# State lives in .dev/ (kubeconfig, certificates, etcd data, logs, pids).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DEV="${DISHPATCH_DEV_DIR:-$ROOT/.dev}"
+PKI="$DEV/pki"
+LOGS="$DEV/logs"
+RUN="$DEV/run"
+ETCD_PORT="${DISHPATCH_ETCD_PORT:-23790}"
+ETCD_PEER_PORT="${DISHPATCH_ETCD_PEER_PORT:-23800}"
+APISERVER_PORT="${DISHPATCH_APISERVER_PORT:-16443}"
+KUBECONFIG_PATH="$DEV/kubeconfig"
+SERVICE_CIDR="10.96.0.0/16"
+
+log() { echo "cluster: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+running() { # running NAME: its recorded pid is alive
+  local pidfile="$RUN/$1.pid"
+  [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start() { # start NAME CMD...: detached, logging to .dev/logs/NAME.log
+  local name=$1; shift
+  if running "$name"; then log "$name already running (pid $(cat "$RUN/$name.pid"))"; return 0; fi
+  mkdir -p "$LOGS" "$RUN"
+  setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$RUN/$name.pid"
+  log "started $name (pid $!, log $LOGS/$name.log)"
+}
+
+wait_for() { # wait_for WHAT SECONDS CMD...
+  local what=$1 limit=$2; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then die "$what not ready after ${limit}s; see $LOGS/"; fi
+    sleep 0.5
+  done
+}
+
+pki() {
+  [ -f "$PKI/admin.crt" ] && return 0
+  log "creating certificates in $PKI"
+  mkdir -p "$PKI"
+  (
+    cd "$PKI"
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 \
+      -subj "/CN=dishpatch-local-ca" -keyout ca.key -out ca.crt 2>/dev/null
+    issue() { # issue NAME SUBJECT [SAN]
+      openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "$2" \
+        -keyout "$1.key" -out "$1.csr" 2>/dev/null
+      local ext="$1.ext"
+      if [ -n "${3:-}" ]; then
+        printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$3" >"$ext"
+      else
+        printf 'extendedKeyUsage=clientAuth\n' >"$ext"
+      fi
+      openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+        -extfile "$ext" -out "$1.crt" 2>/dev/null
+      rm -f "$1.csr" "$ext"
+    }
+    issue apiserver "/CN=kube-apiserver" \
+      "IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,IP:10.96.0.1"
+    # system:masters gives the admin identity cluster-admin through RBAC.
+    issue admin "/O=system:masters/CN=dishpatch-admin"
+    issue controller-manager "/CN=system:kube-controller-manager"
+    openssl genrsa -out sa.key 2048 2>/dev/null
+    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+write_kubeconfig() { # write_kubeconfig FILE CERTNAME USER
+  local b64="base64 -w0"
+  cat >"$1.tmp" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: dishpatch-local
+  cluster:
+    server: https://127.0.0.1:$APISERVER_PORT
+    certificate-authority-data: $($b64 <"$PKI/ca.crt")
+users:
+- name: $3
+  user:
+    client-certificate-data: $($b64 <"$PKI/$2.crt")
+    client-key-data: $($b64 <"$PKI/$2.key")
+contexts:
+- name: dishpatch-local
+  context:
+    cluster: dishpatch-local
+    user: $3
+    namespace: default
+current-context: dishpatch-local
+KC
+  chmod 600 "$1.tmp"
+  mv "$1.tmp" "$1"
+}
+
+apiserver_ready() {
+  curl -fsS --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    "https://127.0.0.1:$APISERVER_PORT/readyz" | grep -q '^ok$'
+}
+
+up() {
+  command -v kubectl >/dev/null || die "kubectl is required"
+  "$ROOT/hack/tools.sh" all
+  local etcd apiserver kcm
+  etcd=$("$ROOT/hack/tools.sh" path etcd)
+  apiserver=$("$ROOT/hack/tools.sh" path kube-apiserver)
+  kcm=$("$ROOT/hack/tools.sh" path kube-controller-manager)
+  pki
+  mkdir -p "$DEV/etcd" "$LOGS" "$RUN"
+
+  if ! running etcd; then
+    port_busy "$ETCD_PORT" && die "port $ETCD_PORT is taken by another process (set DISHPATCH_ETCD_PORT)"
+    start etcd "$etcd" --name dishpatch --data-dir "$DEV/etcd" \
+      --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+      --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+      --initial-cluster "dishpatch=http://127.0.0.1:$ETCD_PEER_PORT" \
+      --listen-metrics-urls "" --log-level warn
+  fi
+  wait_for etcd 30 curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
+
+  if ! running kube-apiserver; then
+    port_busy "$APISERVER_PORT" && die "port $APISERVER_PORT is taken by another process (set DISHPATCH_APISERVER_PORT)"
+    start kube-apiserver "$apiserver" \
+      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+      --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+      --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
+      --client-ca-file "$PKI/ca.crt" --anonymous-auth=false \
+      --authorization-mode RBAC \
+      --service-account-issuer https://kubernetes.default.svc.cluster.local \
+      --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+      --service-cluster-ip-range "$SERVICE_CIDR" \
+      --cert-dir "$DEV/apiserver-certs" \
+      --profiling=false --v=1
+  fi
+  wait_for kube-apiserver 90 apiserver_ready
+
+  write_kubeconfig "$KUBECONFIG_PATH" admin dishpatch-admin
+  write_kubeconfig "$DEV/controller-manager.kubeconfig" controller-manager system:kube-controller-manager
+
+  if ! running kube-controller-manager; then
+    # Only the controllers a cluster without nodes needs: namespace deletion,
+    # garbage collection of owned objects, and service account tokens.
+    start kube-controller-manager "$kcm" \
+      --kubeconfig "$DEV/controller-manager.kubeconfig" \
+      --controllers namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller \
+      --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+      --leader-elect=false --secure-port 0 --v=1
+  fi
+
+  export KUBECONFIG="$KUBECONFIG_PATH"
+  kubectl apply --server-side --field-manager dishpatch-dev -f "$ROOT/crds/" >/dev/null
+  kubectl wait --for condition=established --timeout 60s -f "$ROOT/crds/" >/dev/null
+  log "control plane ready: Kubernetes $(kubectl version -o json | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1) at https://127.0.0.1:$APISERVER_PORT"
+}
+
+stop() { # stop NAME: TERM, then KILL after 10s
+  local pidfile="$RUN/$1.pid"
+  [ -f "$pidfile" ] || return 0
+  local pid; pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null || true
+    log "stopped $1"
+  fi
+  rm -f "$pidfile"
+}
+
+down() {
+  stop kube-controller-manager
+  stop kube-apiserver
+  stop etcd
+}
+
+status() {
+  local name
+  for name in etcd kube-apiserver kube-controller-manager; do
+    if running "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+  echo "kubeconfig: $KUBECONFIG_PATH"
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  clean) down; rm -rf "$DEV" ;;
+  *) echo "usage: $0 up|down|status|clean" >&2; exit 2 ;;
+esac

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs what dishpatch needs that a fresh machine may lack, and builds the
+# control-plane binaries (cached by version outside the clone). Idempotent.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "deps: installing ${need_apt[*]}" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+for tool in go cargo kubectl; do
+  command -v "$tool" >/dev/null || { echo "deps: $tool is required and missing" >&2; exit 1; }
+done
+"$ROOT/hack/tools.sh" all

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Builds the real control-plane binaries (etcd, kube-apiserver) and helm from
+# their published Go modules, once per version, into a cache outside the clone.
+# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|helm|all|path NAME]
+set -euo pipefail
+
+# Kubernetes minor must match the k8s-openapi feature in Cargo.toml (v1_33).
+KUBE_VERSION="${KUBE_VERSION:-v1.33.13}"
+ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
+HELM_VERSION="${HELM_VERSION:-v3.19.0}"
+CACHE="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}"
+BIN="$CACHE/bin"
+mkdir -p "$BIN"
+
+log() { echo "tools: $*" >&2; }
+
+# go_build_from_module OUT MODULE VERSION PKG [replace-lines...]
+# A throwaway module that requires MODULE@VERSION, so the module's own replace
+# directives (which `go install pkg@v` refuses) don't matter.
+go_build_from_module() {
+  local out=$1 module=$2 version=$3 pkg=$4 replaces=${5:-}
+  [ -x "$out" ] && return 0
+  local work
+  work=$(mktemp -d)
+  cat >"$work/go.mod" <<MOD
+module dishpatch.dev/hack/build
+
+go 1.24
+
+require $module $version
+$replaces
+MOD
+  log "building $pkg@$version (first time only; cached at $out)"
+  local start=$SECONDS
+  (cd "$work" && GOFLAGS=-mod=mod go get "$pkg@$version" >/dev/null 2>&1 || true)
+  (cd "$work" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags="-s -w" -o "$out.tmp" "$pkg")
+  mv "$out.tmp" "$out"
+  rm -rf "$work"
+  log "built $(basename "$out") in $((SECONDS - start))s"
+}
+
+build_etcd() {
+  go_build_from_module "$BIN/etcd-$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3
+}
+
+# build_kube NAME: a component of k8s.io/kubernetes (kube-apiserver, kube-controller-manager).
+build_kube() {
+  local name=$1 out="$BIN/$1-$KUBE_VERSION"
+  [ -x "$out" ] && return 0
+  # k8s.io/kubernetes refers to its staging modules as v0.0.0 with local
+  # replaces; pin each to the published v0.X.Y that matches this release.
+  local staging_version="v0.${KUBE_VERSION#v1.}"
+  local gomod
+  gomod=$(cd "$CACHE" && go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p' | xargs cat)
+  local replaces
+  replaces=$(printf '%s\n' "$gomod" | sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' | sort -u |
+    awk -v v="$staging_version" 'BEGIN{print "replace ("} {print "\t" $1 " => " $1 " " v} END{print ")"}')
+  go_build_from_module "$out" k8s.io/kubernetes "$KUBE_VERSION" "k8s.io/kubernetes/cmd/$name" "$replaces"
+}
+
+build_helm() {
+  go_build_from_module "$BIN/helm-$HELM_VERSION" helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+}
+
+path_of() {
+  case $1 in
+    etcd) echo "$BIN/etcd-$ETCD_VERSION" ;;
+    kube-apiserver | kube-controller-manager) echo "$BIN/$1-$KUBE_VERSION" ;;
+    helm) echo "$BIN/helm-$HELM_VERSION" ;;
+  esac
+}
+
+case "${1:-all}" in
+  etcd) build_etcd ;;
+  kube-apiserver | kube-controller-manager) build_kube "$1" ;;
+  helm) build_helm ;;
+  path) path_of "${2:?name}" ;;
+  all) build_etcd; build_kube kube-apiserver; build_kube kube-controller-manager ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|helm|all|path NAME]" >&2; exit 2 ;;
+esac
