@@ -132,6 +132,8 @@ up() {
   fi
   wait_for etcd 30 curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
 
+  # No endpoint reconciler: the "kubernetes" Service can't point at loopback,
+  # and nothing in-cluster needs to reach the apiserver through it.
   if ! running kube-apiserver; then
     port_busy "$APISERVER_PORT" && die "port $APISERVER_PORT is taken by another process (set DISHPATCH_APISERVER_PORT)"
     start kube-apiserver "$apiserver" \
@@ -144,6 +146,7 @@ up() {
       --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
       --service-cluster-ip-range "$SERVICE_CIDR" \
       --cert-dir "$DEV/apiserver-certs" \
+      --endpoint-reconciler-type none \
       --profiling=false --v=1
   fi
   wait_for kube-apiserver 90 apiserver_ready
@@ -162,7 +165,7 @@ up() {
   fi
 
   export KUBECONFIG="$KUBECONFIG_PATH"
-  kubectl apply --server-side --field-manager dishpatch-dev -f "$ROOT/crds/" >/dev/null
+  kubectl apply --server-side --force-conflicts --field-manager dishpatch-crds -f "$ROOT/crds/" >/dev/null
   kubectl wait --for condition=established --timeout 60s -f "$ROOT/crds/" >/dev/null
   log "control plane ready: Kubernetes $(kubectl version -o json | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1) at https://127.0.0.1:$APISERVER_PORT"
 }

@@ -14,11 +14,11 @@ mkdir -p "$BIN"
 
 log() { echo "tools: $*" >&2; }
 
-# go_build_from_module OUT MODULE VERSION PKG [replace-lines...]
+# go_build_from_module OUT MODULE VERSION PKG [replace-lines] [extra-ldflags]
 # A throwaway module that requires MODULE@VERSION, so the module's own replace
 # directives (which `go install pkg@v` refuses) don't matter.
 go_build_from_module() {
-  local out=$1 module=$2 version=$3 pkg=$4 replaces=${5:-}
+  local out=$1 module=$2 version=$3 pkg=$4 replaces=${5:-} ldflags=${6:-}
   [ -x "$out" ] && return 0
   local work
   work=$(mktemp -d)
@@ -33,7 +33,7 @@ MOD
   log "building $pkg@$version (first time only; cached at $out)"
   local start=$SECONDS
   (cd "$work" && GOFLAGS=-mod=mod go get "$pkg@$version" >/dev/null 2>&1 || true)
-  (cd "$work" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags="-s -w" -o "$out.tmp" "$pkg")
+  (cd "$work" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -ldflags="-s -w $ldflags" -o "$out.tmp" "$pkg")
   mv "$out.tmp" "$out"
   rm -rf "$work"
   log "built $(basename "$out") in $((SECONDS - start))s"
@@ -55,7 +55,15 @@ build_kube() {
   local replaces
   replaces=$(printf '%s\n' "$gomod" | sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' | sort -u |
     awk -v v="$staging_version" 'BEGIN{print "replace ("} {print "\t" $1 " => " $1 " " v} END{print ")"}')
-  go_build_from_module "$out" k8s.io/kubernetes "$KUBE_VERSION" "k8s.io/kubernetes/cmd/$name" "$replaces"
+  # Stamp the version the way the Kubernetes release build does, so /version,
+  # kubectl's skew check and the emulation version see v1.X.Y, not v0.0.0-master.
+  local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  local ldflags="" pkgpath
+  for pkgpath in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkgpath.gitVersion=$KUBE_VERSION -X $pkgpath.gitMajor=1 -X $pkgpath.gitMinor=$minor"
+    ldflags+=" -X $pkgpath.gitTreeState=clean -X $pkgpath.buildDate=1970-01-01T00:00:00Z"
+  done
+  go_build_from_module "$out" k8s.io/kubernetes "$KUBE_VERSION" "k8s.io/kubernetes/cmd/$name" "$replaces" "$ldflags"
 }
 
 build_helm() {

@@ -57,8 +57,7 @@ pub struct OrderSpec {
     #[schemars(length(min = 1, max = 50))]
     #[x_kube(
         validation = Rule::new("self.all(i, self.exists_one(j, j.menuItem == i.menuItem))")
-            .message("each menu item may appear only once; raise its quantity instead")
-            .reason(Reason::FieldValueDuplicate),
+            .message("each menu item may appear only once; raise its quantity instead"),
         validation = Rule::new("self == oldSelf").message("items are immutable once the order is placed"),
         merge_strategy = ListMerge::Atomic
     )]

@@ -72,7 +72,7 @@ pub async fn client() -> Result<Client, Error> {
 /// waits until the apiserver serves them. Idempotent.
 pub async fn ensure_crds(client: &Client) -> Result<(), Error> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let params = PatchParams::apply("dishpatch-testkit").force();
+    let params = PatchParams::apply("dishpatch-crds").force();
     for crd in dishpatch_api::crds() {
         let name = crd.metadata.name.clone().unwrap_or_default();
         api.patch(&name, &params, &Patch::Apply(&crd)).await?;
@@ -140,8 +140,8 @@ impl TestNamespace {
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         // Drop can't await; delete from a helper thread with its own runtime so
-        // cleanup also happens when the test panicked.
-        let client = self.client.clone();
+        // cleanup also happens when the test panicked. The thread needs its own
+        // client: ours is served by the test's runtime, which this join blocks.
         let name = self.name.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
@@ -151,6 +151,7 @@ impl Drop for TestNamespace {
                 return;
             };
             rt.block_on(async move {
+                let Ok(client) = client().await else { return };
                 let _ = Api::<Namespace>::all(client)
                     .delete(&name, &DeleteParams::background())
                     .await;
