@@ -156,11 +156,13 @@ up() {
 
   if ! running kube-controller-manager; then
     # Only the controllers a cluster without nodes needs: namespace deletion,
-    # garbage collection of owned objects, and service account tokens.
+    # garbage collection of owned objects, and service account tokens. Each
+    # controller acts as its own service account, as in a real cluster.
     start kube-controller-manager "$kcm" \
       --kubeconfig "$DEV/controller-manager.kubeconfig" \
       --controllers namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller \
       --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
+      --use-service-account-credentials \
       --leader-elect=false --secure-port 0 --v=1
   fi
 
