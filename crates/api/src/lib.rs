@@ -7,6 +7,8 @@
 
 pub mod courier;
 pub mod events;
+pub mod inventory;
+pub mod lifecycle;
 pub mod money;
 pub mod order;
 pub mod restaurant;

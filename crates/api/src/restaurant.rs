@@ -107,10 +107,15 @@ pub struct RestaurantStatus {
     /// Number of dishes on the menu.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub menu_items: Option<i32>,
-    /// Stock held by orders, per menu item that has a stock limit.
+    /// Stock bookkeeping per menu item that has a stock limit.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["menuItem".into()]))]
     pub inventory: Vec<InventoryEntry>,
+    /// Stock held by in-flight orders, one entry per order: the ledger that
+    /// makes reserving and releasing idempotent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["orderUid".into()]))]
+    pub holds: Vec<StockHold>,
 }
 
 /// Stock bookkeeping for one menu item.
@@ -118,12 +123,36 @@ pub struct RestaurantStatus {
 #[serde(rename_all = "camelCase")]
 pub struct InventoryEntry {
     pub menu_item: String,
-    /// Portions held by accepted orders (released when an order is rejected or cancelled).
+    /// The `spec.menu[].stock` these counts refer to; a new value is a restock.
+    #[schemars(range(min = 0))]
+    pub stock: i64,
+    /// Portions taken since the last restock: held by in-flight orders or
+    /// delivered. Released when an order is cancelled.
     #[schemars(range(min = 0))]
     pub reserved: i64,
-    /// `stock - reserved`.
+    /// `stock - reserved`: what new orders can still get.
     #[schemars(range(min = 0))]
     pub available: i64,
+}
+
+/// Stock held for one in-flight order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StockHold {
+    /// The holding Order's uid (names can be reused; uids can't).
+    pub order_uid: String,
+    /// The holding Order's name, for people.
+    pub order: String,
+    pub items: Vec<HeldItem>,
+}
+
+/// Portions of one menu item held for an order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldItem {
+    pub menu_item: String,
+    #[schemars(range(min = 1))]
+    pub quantity: i64,
 }
 
 impl RestaurantSpec {

@@ -1,0 +1,15 @@
+//! RabbitMQ for dishpatch: one durable topic exchange, a durable quorum queue
+//! per consuming service with a dead-letter queue beside it, publishing that
+//! waits for broker confirms, and W3C trace context in message headers.
+//!
+//! The broker carries news, never truth: consumers re-read the Order before
+//! acting, and the operator re-publishes when an order stalls.
+
+mod broker;
+mod topology;
+pub mod trace;
+
+pub use broker::{Broker, Delivery, EventTap, PublishError};
+pub use topology::{
+    DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, EXCHANGE, SERVICE_QUEUES, ServiceQueue, dead_letter_queue,
+};
