@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# The local control plane: a real etcd, kube-apiserver and kube-controller-manager
-# on loopback, as plain processes. Shared by `make up`, `make down` and `make test`.
+# The local platform as plain processes on loopback: a real etcd,
+# kube-apiserver and kube-controller-manager, a real RabbitMQ, and (for
+# `make up`) the dishpatch components. Shared by `make up`, `make down` and
+# `make test`.
 #
-#   hack/cluster.sh up       start what is not running (idempotent), apply the CRDs
-#   hack/cluster.sh down     stop everything this script started
-#   hack/cluster.sh status   what runs, and where
-#   hack/cluster.sh clean    down, then delete all local state (.dev/)
+#   hack/cluster.sh up          start the control plane and RabbitMQ (idempotent), apply the CRDs
+#   hack/cluster.sh platform    also start the dishpatch components from the built binaries
+#   hack/cluster.sh down        stop everything this script started
+#   hack/cluster.sh status      what runs, and where
+#   hack/cluster.sh vhost NAME  create a RabbitMQ vhost (for tests) and print its AMQP URL
+#   hack/cluster.sh clean       down, then delete all local state (.dev/)
 #
 # State lives in .dev/ (kubeconfig, certificates, etcd data, logs, pids).
 set -euo pipefail
@@ -18,7 +22,10 @@ RUN="$DEV/run"
 ETCD_PORT="${DISHPATCH_ETCD_PORT:-23790}"
 ETCD_PEER_PORT="${DISHPATCH_ETCD_PEER_PORT:-23800}"
 APISERVER_PORT="${DISHPATCH_APISERVER_PORT:-16443}"
+AMQP_PORT="${DISHPATCH_AMQP_PORT:-5672}"
 KUBECONFIG_PATH="$DEV/kubeconfig"
+RABBIT_BIN=/usr/lib/rabbitmq/bin
+BIN_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dishpatch/target}/debug"
 SERVICE_CIDR="10.96.0.0/16"
 
 log() { echo "cluster: $*" >&2; }
@@ -169,7 +176,67 @@ up() {
   export KUBECONFIG="$KUBECONFIG_PATH"
   kubectl apply --server-side --force-conflicts --field-manager dishpatch-crds -f "$ROOT/crds/" >/dev/null
   kubectl wait --for condition=established --timeout 60s -f "$ROOT/crds/" >/dev/null
+  rabbitmq_up
   log "control plane ready: Kubernetes $(kubectl version -o json | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1) at https://127.0.0.1:$APISERVER_PORT"
+}
+
+# RabbitMQ from the distribution's package, run as this user with its state in
+# .dev/, listening on loopback only (AMQP, Erlang distribution and epmd).
+rabbit_env() {
+  export RABBITMQ_NODENAME="dishpatch@localhost"
+  export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
+  export RABBITMQ_NODE_PORT="$AMQP_PORT"
+  export RABBITMQ_DIST_PORT=$((AMQP_PORT + 20000))
+  export RABBITMQ_MNESIA_BASE="$DEV/rabbitmq/mnesia"
+  export RABBITMQ_LOG_BASE="$LOGS/rabbitmq"
+  export RABBITMQ_PID_FILE="$RUN/rabbitmq.pid"
+  export RABBITMQ_ENABLED_PLUGINS_FILE="$DEV/rabbitmq/enabled_plugins"
+  export RABBITMQ_CONFIG_FILE="$DEV/rabbitmq/rabbitmq"
+  export ERL_EPMD_ADDRESS=127.0.0.1
+  export RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="-kernel inet_dist_use_interface {127,0,0,1}"
+}
+
+rabbitmqctl_() { (rabbit_env; "$RABBIT_BIN/rabbitmqctl" "$@"); }
+
+rabbitmq_up() {
+  [ -x "$RABBIT_BIN/rabbitmq-server" ] || die "rabbitmq-server is not installed (hack/deps.sh installs it)"
+  if rabbitmqctl_ -q status >/dev/null 2>&1; then log "rabbitmq already running"; return 0; fi
+  port_busy "$AMQP_PORT" && die "port $AMQP_PORT is taken by another process (set DISHPATCH_AMQP_PORT)"
+  mkdir -p "$DEV/rabbitmq" "$LOGS/rabbitmq" "$RUN"
+  echo "[]." >"$DEV/rabbitmq/enabled_plugins"
+  # guest may log in over loopback only (RabbitMQ's default, said out loud).
+  printf 'loopback_users.guest = true\nlog.console = false\n' >"$DEV/rabbitmq/rabbitmq.conf"
+  (rabbit_env; "$RABBIT_BIN/rabbitmq-server" -detached >>"$LOGS/rabbitmq-start.log" 2>&1)
+  # await_startup fails at once until the node has registered; poll it.
+  wait_for rabbitmq 90 rabbitmqctl_ -q await_startup --timeout 5
+  log "started rabbitmq (amqp://127.0.0.1:$AMQP_PORT)"
+}
+
+rabbitmq_down() {
+  if rabbitmqctl_ -q status >/dev/null 2>&1; then
+    rabbitmqctl_ -q stop >/dev/null 2>&1 || true
+    log "stopped rabbitmq"
+  fi
+}
+
+vhost() { # vhost NAME: an isolated vhost for one test, printed as an AMQP URL
+  rabbitmqctl_ -q add_vhost "$1" >/dev/null 2>&1 || true
+  rabbitmqctl_ -q set_permissions -p "$1" guest ".*" ".*" ".*" >/dev/null
+  echo "amqp://guest:guest@127.0.0.1:$AMQP_PORT/$1"
+}
+
+# The dishpatch components, as `make up` runs them: built binaries, logs in
+# .dev/logs, admin endpoints on loopback.
+platform() {
+  [ -x "$BIN_DIR/dishpatch-operator" ] || die "build first: cargo build --workspace --bins"
+  export KUBECONFIG="$KUBECONFIG_PATH"
+  local amqp="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
+  start dishpatch-operator env LOG_FORMAT="${LOG_FORMAT:-json}" "$BIN_DIR/dishpatch-operator" run \
+    --namespace "${DISHPATCH_NAMESPACE:-default}" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
+}
+
+platform_down() {
+  stop dishpatch-operator
 }
 
 stop() { # stop NAME: TERM, then KILL after 10s
@@ -186,6 +253,8 @@ stop() { # stop NAME: TERM, then KILL after 10s
 }
 
 down() {
+  platform_down
+  rabbitmq_down
   stop kube-controller-manager
   stop kube-apiserver
   stop etcd
@@ -193,16 +262,19 @@ down() {
 
 status() {
   local name
-  for name in etcd kube-apiserver kube-controller-manager; do
+  for name in etcd kube-apiserver kube-controller-manager dishpatch-operator; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
   done
+  if rabbitmqctl_ -q status >/dev/null 2>&1; then echo "rabbitmq: running (amqp://127.0.0.1:$AMQP_PORT)"; else echo "rabbitmq: stopped"; fi
   echo "kubeconfig: $KUBECONFIG_PATH"
 }
 
 case "${1:-}" in
   up) up ;;
+  platform) platform ;;
+  vhost) vhost "${2:?vhost name}" ;;
   down) down ;;
   status) status ;;
   clean) down; rm -rf "$DEV" ;;
-  *) echo "usage: $0 up|down|status|clean" >&2; exit 2 ;;
+  *) echo "usage: $0 up|platform|down|status|vhost NAME|clean" >&2; exit 2 ;;
 esac

@@ -1,9 +1,41 @@
-//! `dishpatch-operator`: the operator binary.
+//! `dishpatch-operator`: reconcilers that own the Order lifecycle.
+
+mod admission;
+mod config;
+mod context;
+mod deadline;
+mod error;
+mod leader;
+mod metrics;
+mod orders;
+mod restaurants;
+mod stock;
+mod watches;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
+use dishpatch_api::{Order, OrderPhase, Restaurant};
+use dishpatch_messaging::Broker;
+use dishpatch_runtime::Health;
+use futures::StreamExt;
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::{Config as ControllerConfig, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::config::RunConfig;
+use crate::context::{Context, Memory};
+use crate::metrics::{Metrics, PhaseLabels};
+use crate::stock::StockKeeper;
+use crate::watches::{WatchHealth, Watched};
 
 #[derive(Parser)]
 #[command(name = "dishpatch-operator", version, about = "The dishpatch operator")]
@@ -23,11 +55,15 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Run the reconcilers (after winning the leader election).
+    Run(Box<RunConfig>),
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds { out_dir, check } => crds(&out_dir, check),
+        Command::Run(config) => run(*config).await,
     }
 }
 
@@ -43,18 +79,162 @@ fn crds(out_dir: &Path, check: bool) -> anyhow::Result<()> {
         if check {
             stale.push(path.display().to_string());
         } else {
-            std::fs::create_dir_all(out_dir)
-                .with_context(|| format!("creating {}", out_dir.display()))?;
-            std::fs::write(&path, &file.contents)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+            std::fs::write(&path, &file.contents).with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
         }
     }
     if !stale.is_empty() {
-        bail!(
-            "CRDs differ from the Rust types: {}; run `make crds`",
-            stale.join(", ")
-        );
+        bail!("CRDs differ from the Rust types: {}; run `make crds`", stale.join(", "));
     }
+    Ok(())
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn run(config: RunConfig) -> anyhow::Result<()> {
+    dishpatch_runtime::init_tracing();
+    let shutdown = dishpatch_runtime::shutdown_signal();
+    let client = Client::try_default().await.context("connecting to the apiserver")?;
+    let identity = config.identity();
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(Metrics::register(&mut registry));
+    let health = Health::default();
+    health.set_ready(false, "starting");
+
+    // The orders cache exists from the start so /metrics can count phases.
+    let watch_health = WatchHealth::new(health.clone());
+    let ns = config.namespace.as_deref();
+    let (orders, order_stream) = watches::cached(api::<DeserializeGuard<Order>>(&client, ns), Watched::Orders, watch_health.clone());
+    let (restaurants, restaurant_stream) =
+        watches::cached(api::<DeserializeGuard<Restaurant>>(&client, ns), Watched::Restaurants, watch_health.clone());
+
+    let before_scrape = {
+        let orders = orders.clone();
+        let metrics = metrics.clone();
+        Arc::new(move || {
+            let mut counts = std::collections::BTreeMap::new();
+            for o in orders.state() {
+                if let Ok(order) = &o.0 {
+                    let phase = order.status.as_ref().and_then(|s| s.phase).unwrap_or(OrderPhase::Pending);
+                    *counts.entry(phase).or_insert(0_i64) += 1;
+                }
+            }
+            for phase in OrderPhase::ALL {
+                metrics
+                    .orders
+                    .get_or_create(&PhaseLabels {
+                        phase: phase.to_string(),
+                    })
+                    .set(counts.get(&phase).copied().unwrap_or(0));
+            }
+        }) as dishpatch_runtime::BeforeScrape
+    };
+    let router = dishpatch_runtime::admin_router(health.clone(), Arc::new(registry), Some(before_scrape));
+    let admin = tokio::spawn(dishpatch_runtime::serve(config.admin_addr, router, shutdown.clone()));
+
+    let broker = loop {
+        match Broker::connect(&config.amqp_url, "operator").await {
+            Ok(b) => break Arc::new(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "connecting to the broker; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = wait_shutdown(shutdown.clone()) => return Ok(()),
+                }
+            }
+        }
+    };
+
+    // A standby is ready: it can take over. The leader is ready while its watches are healthy.
+    health.set_ready(true, "standby");
+    let lease = leader::LeaseConfig {
+        name: config.lease_name.clone(),
+        namespace: config.lease_namespace(),
+        identity: identity.clone(),
+        duration: config.lease_duration,
+    };
+    let Some(leadership) = leader::acquire(client.clone(), lease, shutdown.clone()).await else {
+        return Ok(());
+    };
+    metrics.is_leader.set(1);
+    health.set_ready(false, "leading; syncing watches");
+
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "dishpatch-operator".into(),
+            instance: Some(identity),
+        },
+    );
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder,
+        broker,
+        metrics: metrics.clone(),
+        stock: StockKeeper::new(client.clone(), metrics.clone()),
+        memory: Memory::default(),
+        orders: orders.clone(),
+        watches: watch_health,
+        config: config.clone(),
+    });
+
+    // A Restaurant that appears or opens wakes the orders waiting for it.
+    let pending_for = {
+        let orders = orders.clone();
+        move |r: DeserializeGuard<Restaurant>| {
+            let Some(ns) = r.namespace() else {
+                return Vec::new();
+            };
+            let name = r.name_any();
+            orders
+                .state()
+                .iter()
+                .filter_map(|o| o.0.as_ref().ok())
+                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()) && o.spec.restaurant_ref.name == name)
+                .filter(|o| o.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == OrderPhase::Pending))
+                .map(|o| ObjectRef::new(&o.name_any()).within(&ns))
+                .collect::<Vec<_>>()
+        }
+    };
+    let order_controller = Controller::for_stream(order_stream, orders)
+        .with_config(ControllerConfig::default().concurrency(config.concurrency))
+        .watches(api::<DeserializeGuard<Restaurant>>(&client, ns), watcher::Config::default(), pending_for)
+        .graceful_shutdown_on(wait_shutdown(shutdown.clone()))
+        .run(orders::reconcile, orders::error_policy, ctx.clone())
+        .for_each(|_| async {});
+    let restaurant_controller = Controller::for_stream(restaurant_stream, restaurants)
+        .with_config(ControllerConfig::default().concurrency(4))
+        .graceful_shutdown_on(wait_shutdown(shutdown.clone()))
+        .run(restaurants::reconcile, restaurants::error_policy, ctx.clone())
+        .for_each(|_| async {});
+
+    let mut lost = leadership.lost.clone();
+    tokio::select! {
+        _ = futures::future::join(order_controller, restaurant_controller) => {
+            tracing::info!("controllers stopped; in-flight reconciles finished");
+        }
+        _ = lost.wait_for(|l| *l) => {
+            // Another replica leads now; reconciling on would fight it.
+            bail!("lost the leader lease");
+        }
+    }
+    leadership.release().await;
+    metrics.is_leader.set(0);
+    let _ = admin.await;
     Ok(())
 }

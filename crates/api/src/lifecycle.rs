@@ -54,7 +54,13 @@ impl Facts {
         let Some(s) = status else {
             return Self::default();
         };
-        let flag = |t: &str| find(&s.conditions, t).map(|c| c.status == "True");
+        let flag = |t: &str| {
+            find(&s.conditions, t).and_then(|c| match c.status.as_str() {
+                "True" => Some(true),
+                "False" => Some(false),
+                _ => None,
+            })
+        };
         Self {
             accepted: flag(condition::ACCEPTED),
             cancelled: flag(condition::CANCELLED).unwrap_or(false),
@@ -152,19 +158,43 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
     conditions.iter().find(|c| c.type_ == type_)
 }
 
+/// A condition's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    True,
+    False,
+    Unknown,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::True => "True",
+            Status::False => "False",
+            Status::Unknown => "Unknown",
+        }
+    }
+}
+
+impl From<bool> for Status {
+    fn from(b: bool) -> Self {
+        if b { Status::True } else { Status::False }
+    }
+}
+
 /// Sets a condition the Kubernetes way: `lastTransitionTime` changes only when
 /// `status` does, so a repeated reconcile writes nothing new. Returns whether
 /// anything changed.
 pub fn set_condition(
     conditions: &mut Vec<Condition>,
     type_: &str,
-    status: bool,
+    status: impl Into<Status>,
     reason: &str,
     message: &str,
     generation: Option<i64>,
     now: &Time,
 ) -> bool {
-    let status = if status { "True" } else { "False" };
+    let status = status.into().as_str();
     if let Some(c) = conditions.iter_mut().find(|c| c.type_ == type_) {
         let same = c.status == status
             && c.reason == reason

@@ -1,0 +1,110 @@
+//! Command-line and environment configuration of `dishpatch-operator run`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let value: f64 = number.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m, h or d)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunConfig {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "DISHPATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// AMQP URL of RabbitMQ.
+    #[arg(long, env = "DISHPATCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    pub amqp_url: String,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "DISHPATCH_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    pub admin_addr: SocketAddr,
+
+    /// Orders reconciled in parallel.
+    #[arg(long, env = "DISHPATCH_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: u16,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "DISHPATCH_LEASE_NAME", default_value = "dishpatch-operator")]
+    pub lease_name: String,
+
+    /// Namespace of the Lease (default: --namespace, else `default`).
+    #[arg(long, env = "DISHPATCH_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+
+    /// How long a leader's lease lasts without renewal; a standby takes over after it.
+    #[arg(long, env = "DISHPATCH_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// This replica's identity in the Lease (default: hostname-pid).
+    #[arg(long, env = "DISHPATCH_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// How long an order may wait in a stage before its event is re-published.
+    #[arg(long, env = "DISHPATCH_STAGE_DEADLINE", default_value = "60s", value_parser = parse_duration)]
+    pub stage_deadline: Duration,
+
+    /// Re-publishes of a stalled order before it is cancelled (DeadlineExceeded).
+    #[arg(long, env = "DISHPATCH_MAX_REPUBLISHES", default_value_t = 3)]
+    pub max_republishes: u32,
+
+    /// How long a new order waits for its Restaurant to appear before it is rejected.
+    #[arg(long, env = "DISHPATCH_RESTAURANT_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub restaurant_grace: Duration,
+
+    /// How long terminal orders are kept before they are deleted.
+    #[arg(long, env = "DISHPATCH_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// How long deleting an order waits for a refund before giving up.
+    #[arg(long, env = "DISHPATCH_CLEANUP_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub cleanup_timeout: Duration,
+}
+
+impl RunConfig {
+    pub fn lease_namespace(&self) -> String {
+        self.lease_namespace
+            .clone()
+            .or_else(|| self.namespace.clone())
+            .unwrap_or_else(|| "default".to_string())
+    }
+
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "dishpatch".into());
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("15s").unwrap(), Duration::from_secs(15));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,36 @@
+//! The operator's error type.
+
+use dishpatch_messaging::PublishError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("publishing: {0}")]
+    Publish(#[from] PublishError),
+    #[error("encoding: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{0}")]
+    Conflict(String),
+    /// Not a failure: deletion waits for a worker to compensate.
+    #[error("waiting: {0}")]
+    Waiting(String),
+}
+
+impl Error {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Publish(_) => "publish",
+            Error::Json(_) => "json",
+            Error::Finalizer(_) => "finalizer",
+            Error::Conflict(_) => "conflict",
+            Error::Waiting(_) => "waiting",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

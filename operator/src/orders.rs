@@ -1,0 +1,534 @@
+//! The Order reconciler: accepts or rejects, follows the stages the workers
+//! report, cancels and compensates, enforces deadlines, and cleans up.
+//!
+//! Level-triggered: every decision is made from the Order as it is now (plus
+//! its Restaurant), never from the event that woke the reconciler up.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
+use dishpatch_api::inventory;
+use dishpatch_api::lifecycle::{
+    Advance, Facts, Status, advance, cancellable, condition, find, phase_of, reason, set_condition,
+};
+use dishpatch_api::order::{KitchenState, OrderPhase, OrderStatus, PaymentState};
+use dishpatch_api::{Money, Order};
+use dishpatch_messaging::trace;
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as K8sEvent, EventType as K8sEventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::admission::{self, Rejection};
+use crate::context::Context;
+use crate::deadline::{self, Awaiting};
+use crate::error::{Error, Result};
+use crate::stock::MANAGER;
+
+/// Held until the operator has compensated a deleted order.
+pub const FINALIZER: &str = "dishpatch.dev/compensate";
+/// How often a quiet order is looked at anyway, in case a watch event was missed.
+const RESYNC: Duration = Duration::from_secs(300);
+
+pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -> Result<Action> {
+    let order = match &guard.0 {
+        Ok(order) => order.clone(),
+        Err(invalid) => {
+            // One malformed object must not stop the others: report and skip it.
+            tracing::warn!(name = ?invalid.metadata.name, namespace = ?invalid.metadata.namespace,
+                error = %invalid.error, "skipping an Order that does not parse");
+            return Ok(Action::await_change());
+        }
+    };
+    let started = std::time::Instant::now();
+    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let uid = order.uid().unwrap_or_default();
+    let result = finalizer(&api, FINALIZER, Arc::new(order), |event| async {
+        match event {
+            Finalizer::Apply(order) => apply(&order, &ctx).await,
+            Finalizer::Cleanup(order) => cleanup(&order, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    });
+    let labels = crate::metrics::ControllerLabels {
+        controller: "order".into(),
+    };
+    ctx.metrics.reconciles.get_or_create(&labels).inc();
+    ctx.metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if result.is_ok() {
+        ctx.memory.succeeded(&uid);
+    }
+    result
+}
+
+pub fn error_policy(guard: Arc<DeserializeGuard<Order>>, error: &Error, ctx: Arc<Context>) -> Action {
+    let uid = guard.0.as_ref().ok().and_then(|o| o.uid()).unwrap_or_default();
+    ctx.metrics
+        .errors
+        .get_or_create(&crate::metrics::ErrorLabels {
+            controller: "order".into(),
+            error: error.kind().into(),
+        })
+        .inc();
+    if let Error::Waiting(why) = error {
+        tracing::debug!(%uid, %why, "waiting");
+        return Action::requeue(Duration::from_secs(2));
+    }
+    let delay = ctx.memory.backoff(&uid);
+    tracing::warn!(%uid, error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The part of the status the operator owns and re-sends on every apply.
+#[derive(Debug, Clone, PartialEq, Default)]
+struct Owned {
+    phase: Option<OrderPhase>,
+    conditions: Vec<Condition>,
+    observed_generation: Option<i64>,
+    total: Option<Money>,
+}
+
+impl Owned {
+    fn of(status: &OrderStatus) -> Self {
+        Self {
+            phase: status.phase,
+            conditions: status.conditions.clone(),
+            observed_generation: status.observed_generation,
+            total: status.total.clone(),
+        }
+    }
+
+    fn set(&mut self, type_: &str, status: impl Into<Status>, reason: &str, message: &str, generation: Option<i64>, now: &Time) {
+        set_condition(&mut self.conditions, type_, status, reason, message, generation, now);
+    }
+
+    fn is(&self, type_: &str, status: &str) -> bool {
+        find(&self.conditions, type_).is_some_and(|c| c.status == status)
+    }
+}
+
+/// Server-side applies the operator's fields of the status, and nothing else.
+async fn write_status(ctx: &Context, order: &Order, owned: &Owned) -> Result<()> {
+    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let mut status = serde_json::Map::new();
+    if let Some(phase) = owned.phase {
+        status.insert("phase".into(), json!(phase));
+    }
+    if !owned.conditions.is_empty() {
+        status.insert("conditions".into(), serde_json::to_value(&owned.conditions)?);
+    }
+    if let Some(g) = owned.observed_generation {
+        status.insert("observedGeneration".into(), json!(g));
+    }
+    if let Some(total) = &owned.total {
+        status.insert("total".into(), serde_json::to_value(total)?);
+    }
+    let patch = json!({
+        "apiVersion": "dishpatch.dev/v1alpha1",
+        "kind": "Order",
+        "status": status,
+    });
+    ctx.metrics.write("orders/status");
+    api.patch_status(&order.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch))
+        .await?;
+    Ok(())
+}
+
+/// Publishes an event about the order and waits for the broker's confirm.
+async fn publish(ctx: &Context, order: &Order, kind: EventType, reason: Option<String>, republish: bool) -> Result<()> {
+    let uid = order.uid().unwrap_or_default();
+    let event = CloudEvent::new(
+        kind,
+        "operator",
+        OrderRef {
+            namespace: order.namespace().unwrap_or_default(),
+            name: order.name_any(),
+            uid: uid.clone(),
+        },
+        reason,
+        Timestamp::now().to_string(),
+    );
+    let trace_id = trace::trace_id(&uid, order.annotations().get(trace::TRACEPARENT_ANNOTATION).map(String::as_str));
+    let traceparent = trace::child_traceparent(&trace_id);
+    ctx.broker.publish(&event, &traceparent).await?;
+    ctx.metrics.published(kind.routing_key(), republish);
+    tracing::info!(order = %order.name_any(), namespace = ?order.namespace(), event = %kind, %traceparent, republish, "published");
+    Ok(())
+}
+
+/// Records a Kubernetes Event on the order; failures only get logged.
+async fn record(ctx: &Context, order: &Order, type_: K8sEventType, reason: &str, note: String) {
+    ctx.metrics.write("events");
+    let event = K8sEvent {
+        type_,
+        reason: reason.to_string(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &order.object_ref(&())).await {
+        tracing::warn!(error = %e, "recording an event");
+    }
+}
+
+async fn apply(order: &Order, ctx: &Context) -> Result<Action> {
+    let uid = order.uid().unwrap_or_default();
+    // Events committed to status earlier whose publish failed go out first.
+    for kind in ctx.memory.queued(&uid) {
+        let reason = (kind == EventType::OrderCancelled).then(|| cancel_message(order));
+        publish(ctx, order, kind, reason.flatten(), false).await?;
+        ctx.memory.sent(&uid, kind);
+    }
+    let status = order.status.clone().unwrap_or_default();
+    match Facts::of(Some(&status)).accepted {
+        None => decide(order, &status, ctx).await,
+        Some(_) => progress(order, &status, ctx).await,
+    }
+}
+
+fn cancel_message(order: &Order) -> Option<String> {
+    order
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, condition::CANCELLED))
+        .filter(|c| c.status == "True")
+        .map(|c| format!("{}: {}", c.reason, c.message))
+}
+
+enum Decision {
+    Accept { total: Money, held: bool },
+    Reject(Rejection),
+}
+
+/// A new order: check it against its restaurant, price it, reserve stock.
+async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Action> {
+    let now = Time(Timestamp::now());
+    let generation = order.metadata.generation;
+    let uid = order.uid().unwrap_or_default();
+    let name = order.name_any();
+    let namespace = order.namespace().unwrap_or_default();
+    let restaurant = order.spec.restaurant_ref.name.clone();
+
+    let decision = ctx
+        .stock
+        .update(&namespace, &restaurant, |r, st| match admission::quote(&order.spec, &restaurant, &r.spec) {
+            Err(rejection) => {
+                inventory::release(st, &uid);
+                Decision::Reject(rejection)
+            }
+            Ok(quote) => match inventory::reserve(&r.spec, st, &uid, &name, &quote.lines) {
+                Ok(_) => Decision::Accept {
+                    total: quote.total,
+                    held: inventory::holds(st, &uid),
+                },
+                Err(e) => Decision::Reject(Rejection {
+                    reason: reason::OUT_OF_STOCK,
+                    message: e.to_string(),
+                }),
+            },
+        })
+        .await?;
+
+    let mut owned = Owned::of(status);
+    owned.observed_generation = generation;
+    let decision = match decision {
+        Some(d) => d,
+        None => {
+            // The restaurant may simply not be applied yet (`kubectl apply -f
+            // examples/` sends orders first): wait a while before rejecting.
+            let created = order.creation_timestamp().map_or(now.0, |t| t.0);
+            let age = Duration::try_from(now.0.duration_since(created)).unwrap_or_default();
+            let message = format!("restaurant {restaurant} does not exist in namespace {namespace}");
+            if age < ctx.config.restaurant_grace {
+                owned.phase = Some(OrderPhase::Pending);
+                owned.set(condition::ACCEPTED, Status::Unknown, reason::WAITING_FOR_RESTAURANT, &message, generation, &now);
+                if owned != Owned::of(status) {
+                    write_status(ctx, order, &owned).await?;
+                }
+                let wait = (ctx.config.restaurant_grace - age).min(Duration::from_secs(5));
+                return Ok(Action::requeue(wait));
+            }
+            Decision::Reject(Rejection {
+                reason: reason::RESTAURANT_NOT_FOUND,
+                message,
+            })
+        }
+    };
+
+    match decision {
+        Decision::Reject(rejection) => {
+            owned.phase = Some(OrderPhase::Rejected);
+            owned.set(condition::ACCEPTED, false, rejection.reason, &rejection.message, generation, &now);
+            write_status(ctx, order, &owned).await?;
+            record(ctx, order, K8sEventType::Warning, "Rejected", format!("{}: {}", rejection.reason, rejection.message)).await;
+            tracing::info!(order = %name, %namespace, reason = rejection.reason, "rejected");
+            Ok(Action::requeue(ctx.config.retention.min(RESYNC)))
+        }
+        Decision::Accept { total, held } => {
+            owned.phase = Some(OrderPhase::Accepted);
+            owned.set(condition::ACCEPTED, true, reason::ACCEPTED, &format!("priced at {total}"), generation, &now);
+            if held {
+                owned.set(condition::STOCK_RESERVED, true, reason::RESERVED, &format!("stock held at restaurant {restaurant}"), generation, &now);
+            } else {
+                owned.set(condition::STOCK_RESERVED, false, reason::NOT_LIMITED, "no item of this order has limited stock", generation, &now);
+            }
+            owned.total = Some(total.clone());
+            ctx.memory.queue(&uid, EventType::OrderAccepted);
+            write_status(ctx, order, &owned).await?;
+            publish(ctx, order, EventType::OrderAccepted, None, false).await?;
+            ctx.memory.sent(&uid, EventType::OrderAccepted);
+            ctx.memory.published(&uid, EventType::OrderAccepted);
+            record(ctx, order, K8sEventType::Normal, "Accepted", format!("Accepted at {total}; order.accepted published")).await;
+            tracing::info!(order = %name, %namespace, %total, "accepted");
+            Ok(Action::requeue(ctx.config.stage_deadline))
+        }
+    }
+}
+
+/// Why to cancel an accepted order now, if at all.
+fn cancellation(order: &Order, status: &OrderStatus, facts: &Facts) -> Option<(&'static str, String)> {
+    if let Some(request) = &order.spec.cancellation {
+        return Some((reason::CUSTOMER_REQUESTED, request.reason.clone()));
+    }
+    if facts.payment == Some(PaymentState::Failed) {
+        let why = status
+            .payment
+            .as_ref()
+            .and_then(|p| p.failure_reason.clone())
+            .unwrap_or_else(|| "the payment failed".into());
+        return Some((reason::PAYMENT_FAILED, why));
+    }
+    if facts.kitchen == Some(KitchenState::Dropped) {
+        return Some((reason::KITCHEN_FAILED, "the kitchen could not prepare the order".into()));
+    }
+    None
+}
+
+/// An accepted (or rejected) order: follow what the workers report.
+async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Action> {
+    let now = Timestamp::now();
+    let t = Time(now);
+    let generation = order.metadata.generation;
+    let uid = order.uid().unwrap_or_default();
+    let namespace = order.namespace().unwrap_or_default();
+    let restaurant = order.spec.restaurant_ref.name.clone();
+    let facts = Facts::of(Some(status));
+    let current = status.phase.unwrap_or_else(|| phase_of(&facts));
+    let mut owned = Owned::of(status);
+    owned.observed_generation = generation;
+    let mut notes: Vec<(K8sEventType, &str, String)> = Vec::new();
+    let mut to_publish: Vec<EventType> = Vec::new();
+
+    // Cancel if asked, if a stage failed, or if the order stalled for good.
+    if !facts.cancelled && facts.accepted == Some(true) {
+        let stalled = deadline::awaiting(current, status).and_then(|aw| {
+            let passed = deadline::deadlines_passed(aw.since, now, ctx.config.stage_deadline);
+            (aw.cancel_when_exhausted && passed > ctx.config.max_republishes).then(|| {
+                (
+                    reason::DEADLINE_EXCEEDED,
+                    format!(
+                        "no progress in phase {current} after {} re-published {} events",
+                        ctx.config.max_republishes, aw.event
+                    ),
+                )
+            })
+        });
+        match cancellation(order, status, &facts).or(stalled) {
+            Some((why, message)) if cancellable(current) => {
+                owned.set(condition::CANCELLED, true, why, &message, generation, &t);
+                to_publish.push(EventType::OrderCancelled);
+            }
+            Some((reason::CUSTOMER_REQUESTED, _)) => {
+                if !owned.is(condition::CANCELLED, "False") {
+                    notes.push((K8sEventType::Warning, reason::TOO_LATE, "cancellation refused: the order was already picked up".into()));
+                }
+                owned.set(condition::CANCELLED, false, reason::TOO_LATE, "the courier already picked the order up", generation, &t);
+            }
+            _ => {}
+        }
+    }
+
+    let mut facts_now = facts;
+    facts_now.cancelled = owned.is(condition::CANCELLED, "True");
+    let phase = match advance(current, phase_of(&facts_now)) {
+        Advance::Move(next) => next,
+        Advance::Stay => current,
+        Advance::Illegal { from, to } => {
+            tracing::warn!(order = %order.name_any(), %from, %to, "ignoring an illegal transition");
+            current
+        }
+    };
+    owned.phase = Some(phase);
+
+    // Stock: give it back when cancelled or rejected, mark it used when delivered.
+    let give_back = matches!(phase, OrderPhase::Cancelled | OrderPhase::Rejected);
+    if (give_back || phase == OrderPhase::Delivered) && owned.is(condition::STOCK_RESERVED, "True") {
+        ctx.stock
+            .update(&namespace, &restaurant, |_, st| {
+                if give_back {
+                    inventory::release(st, &uid)
+                } else {
+                    inventory::consume(st, &uid)
+                }
+            })
+            .await?;
+        let (why, message) = if give_back {
+            (reason::RELEASED, "stock returned to the restaurant")
+        } else {
+            (reason::CONSUMED, "stock used by the delivered order")
+        };
+        owned.set(condition::STOCK_RESERVED, false, why, message, generation, &t);
+    }
+
+    if phase != current {
+        let (kind, note) = match phase {
+            OrderPhase::Cancelled => (K8sEventType::Warning, cancel_note(&owned)),
+            _ => (K8sEventType::Normal, format!("{current} → {phase}")),
+        };
+        notes.push((kind, phase.as_str(), note));
+    }
+
+    for kind in &to_publish {
+        ctx.memory.queue(&uid, *kind);
+    }
+    if owned != Owned::of(status) {
+        write_status(ctx, order, &owned).await?;
+    }
+    for kind in to_publish {
+        publish(ctx, order, kind, cancel_note_opt(&owned), false).await?;
+        ctx.memory.sent(&uid, kind);
+        ctx.memory.published(&uid, kind);
+    }
+    for (kind, reason, note) in notes {
+        record(ctx, order, kind, reason, note).await;
+    }
+
+    // The order as it is now: nudge it if it stalled, or expire it if done.
+    let mut after = status.clone();
+    after.conditions = owned.conditions.clone();
+    after.phase = Some(phase);
+    if let Some(aw) = deadline::awaiting(phase, &after) {
+        return nudge(order, aw, ctx, now).await;
+    }
+    if phase.is_terminal() {
+        return expire(order, phase, &after, ctx, now).await;
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+fn cancel_note(owned: &Owned) -> String {
+    cancel_note_opt(owned).unwrap_or_else(|| "cancelled".into())
+}
+
+fn cancel_note_opt(owned: &Owned) -> Option<String> {
+    find(&owned.conditions, condition::CANCELLED).map(|c| format!("{}: {}", c.reason, c.message))
+}
+
+/// Re-publishes the event a stalled order waits for, once per passed deadline.
+async fn nudge(order: &Order, aw: Awaiting, ctx: &Context, now: Timestamp) -> Result<Action> {
+    let uid = order.uid().unwrap_or_default();
+    let deadline = ctx.config.stage_deadline;
+    let passed = deadline::deadlines_passed(aw.since, now, deadline);
+    if ctx.memory.should_nudge(&uid, aw.event, passed) {
+        let reason = (aw.event == EventType::OrderCancelled).then(|| {
+            order
+                .status
+                .as_ref()
+                .and_then(|s| find(&s.conditions, condition::CANCELLED))
+                .map(|c| format!("{}: {}", c.reason, c.message))
+        });
+        publish(ctx, order, aw.event, reason.flatten(), true).await?;
+        if passed > 0 {
+            record(
+                ctx,
+                order,
+                K8sEventType::Warning,
+                "Republished",
+                format!("no progress for {}s: re-published {} (attempt {passed})", deadline.as_secs() * u64::from(passed), aw.event),
+            )
+            .await;
+        }
+    }
+    Ok(Action::requeue(deadline::until_next(aw.since, now, deadline, passed)))
+}
+
+/// Deletes a terminal order once its retention has passed.
+async fn expire(order: &Order, phase: OrderPhase, status: &OrderStatus, ctx: &Context, now: Timestamp) -> Result<Action> {
+    let since = match phase {
+        OrderPhase::Delivered => status.delivery.as_ref().and_then(|d| d.delivered_at.as_ref()).map(|t| t.0),
+        OrderPhase::Cancelled => find(&status.conditions, condition::CANCELLED).map(|c| c.last_transition_time.0),
+        _ => find(&status.conditions, condition::ACCEPTED).map(|c| c.last_transition_time.0),
+    }
+    .unwrap_or(now);
+    let age = Duration::try_from(now.duration_since(since)).unwrap_or_default();
+    if age < ctx.config.retention {
+        return Ok(Action::requeue((ctx.config.retention - age).min(RESYNC)));
+    }
+    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    ctx.metrics.write("orders");
+    match api.delete(&order.name_any(), &DeleteParams::background()).await {
+        Ok(_) => tracing::info!(order = %order.name_any(), %phase, "deleted after its retention period"),
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
+/// The order is being deleted: compensate before letting it go.
+async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
+    let uid = order.uid().unwrap_or_default();
+    let status = order.status.clone().unwrap_or_default();
+    let facts = Facts::of(Some(&status));
+    let phase = status.phase.unwrap_or_else(|| phase_of(&facts));
+    let namespace = order.namespace().unwrap_or_default();
+
+    let undo = !phase.is_terminal() || deadline::compensation_outstanding(&status);
+    if undo && ctx.memory.first_time(&uid, EventType::OrderCancelled) {
+        // Tell the workers to undo what they did (refund, free the courier).
+        let why = Some(format!("{}: order deleted", reason::DELETED));
+        if let Err(e) = publish(ctx, order, EventType::OrderCancelled, why, false).await {
+            ctx.memory.forget(&uid);
+            return Err(e);
+        }
+    }
+    let released = ctx
+        .stock
+        .update(&namespace, &order.spec.restaurant_ref.name, |_, st| inventory::release(st, &uid))
+        .await?
+        .unwrap_or(false);
+    if released {
+        record(ctx, order, K8sEventType::Normal, reason::RELEASED, "stock returned to the restaurant".into()).await;
+    }
+
+    let charged = status.payment.as_ref().is_some_and(|p| p.state == PaymentState::Succeeded);
+    if charged && phase != OrderPhase::Delivered {
+        let since = order.meta().deletion_timestamp.as_ref().map_or_else(Timestamp::now, |t| t.0);
+        let waited = Duration::try_from(Timestamp::now().duration_since(since)).unwrap_or_default();
+        if waited < ctx.config.cleanup_timeout {
+            return Err(Error::Waiting(format!("order {} waits for its refund", order.name_any())));
+        }
+        record(
+            ctx,
+            order,
+            K8sEventType::Warning,
+            "RefundTimeout",
+            format!("no refund after {}s; letting the order go", ctx.config.cleanup_timeout.as_secs()),
+        )
+        .await;
+    }
+    ctx.memory.forget(&uid);
+    Ok(Action::await_change())
+}
