@@ -7,13 +7,14 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
 export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
 CARGO ?= cargo
 
-.PHONY: help up down status clean test test-unit lint fmt crds build
+.PHONY: help up down status clean test test-unit lint fmt crds build bins bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-up: ## Start the local platform (control plane, CRDs, examples); safe to run twice
+up: bins ## Start the local platform (control plane, RabbitMQ, CRDs, operator, examples); safe to run twice
 	@hack/cluster.sh up
+	@hack/cluster.sh platform
 	@kubectl apply -f examples/restaurant.yaml -f examples/couriers.yaml >/dev/null
 	@echo
 	@echo "dishpatch is up. Point kubectl at it with:"
@@ -29,12 +30,19 @@ status: ## Show what runs
 clean: ## Stop everything and delete local state (.dev/)
 	@hack/cluster.sh clean
 
+bins: ## Build the binaries
+	$(CARGO) build --workspace --bins
+
 build: ## Build every crate
 	$(CARGO) build --workspace --all-targets
 
 test: ## Run every test (unit, property and integration) against the real local control plane
 	@hack/cluster.sh up
 	$(CARGO) test --workspace --no-fail-fast
+
+bench: ## Measure the operator (API writes per accepted order, orders accepted per second)
+	@hack/cluster.sh up
+	$(CARGO) bench -p dishpatch-operator --bench acceptance
 
 test-unit: ## Run only the tests that need no control plane
 	$(CARGO) test --workspace --lib --bins

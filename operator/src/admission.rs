@@ -22,7 +22,11 @@ pub struct Quote {
 }
 
 /// Checks an order against its restaurant's menu and prices it.
-pub fn quote(order: &OrderSpec, restaurant_name: &str, restaurant: &RestaurantSpec) -> Result<Quote, Rejection> {
+pub fn quote(
+    order: &OrderSpec,
+    restaurant_name: &str,
+    restaurant: &RestaurantSpec,
+) -> Result<Quote, Rejection> {
     if !restaurant.open {
         return Err(Rejection {
             reason: reason::RESTAURANT_CLOSED,
@@ -87,7 +91,12 @@ mod tests {
 
     #[test]
     fn prices_in_minor_units() {
-        let q = quote(&order(&[("pizza", 2), ("water", 3)]), "r", &restaurant(true)).unwrap();
+        let q = quote(
+            &order(&[("pizza", 2), ("water", 3)]),
+            "r",
+            &restaurant(true),
+        )
+        .unwrap();
         assert_eq!(q.total.amount, 2 * 950 + 3 * 200);
         assert_eq!(q.total.currency, "EUR");
         assert_eq!(q.total.display.as_deref(), Some("25.00 EUR"));

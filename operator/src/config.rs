@@ -8,14 +8,20 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let (number, unit) = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
         .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let value: f64 = number.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}"))?;
     let seconds = match unit {
         "ms" => value / 1000.0,
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
-        _ => return Err(format!("invalid duration unit in {s:?} (use ms, s, m, h or d)")),
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
     };
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
@@ -27,7 +33,11 @@ pub struct RunConfig {
     pub namespace: Option<String>,
 
     /// AMQP URL of RabbitMQ.
-    #[arg(long, env = "DISHPATCH_AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    #[arg(
+        long,
+        env = "DISHPATCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
     pub amqp_url: String,
 
     /// Address of /healthz, /readyz and /metrics.
@@ -39,7 +49,11 @@ pub struct RunConfig {
     pub concurrency: u16,
 
     /// Name of the leader-election Lease.
-    #[arg(long, env = "DISHPATCH_LEASE_NAME", default_value = "dishpatch-operator")]
+    #[arg(
+        long,
+        env = "DISHPATCH_LEASE_NAME",
+        default_value = "dishpatch-operator"
+    )]
     pub lease_name: String,
 
     /// Namespace of the Lease (default: --namespace, else `default`).

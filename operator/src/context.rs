@@ -62,7 +62,10 @@ impl Memory {
     }
 
     pub fn queue(&self, uid: &str, event: EventType) {
-        lock(&self.outbox).entry(uid.to_string()).or_default().insert(event);
+        lock(&self.outbox)
+            .entry(uid.to_string())
+            .or_default()
+            .insert(event);
     }
 
     pub fn queued(&self, uid: &str) -> Vec<EventType> {
@@ -126,11 +129,17 @@ mod tests {
     #[test]
     fn nudges_once_per_deadline_and_on_first_sight() {
         let m = Memory::default();
-        assert!(m.should_nudge("u", EventType::OrderAccepted, 0), "unseen: resync");
+        assert!(
+            m.should_nudge("u", EventType::OrderAccepted, 0),
+            "unseen: resync"
+        );
         assert!(!m.should_nudge("u", EventType::OrderAccepted, 0));
         assert!(m.should_nudge("u", EventType::OrderAccepted, 1));
         assert!(!m.should_nudge("u", EventType::OrderAccepted, 1));
-        assert!(!m.should_nudge("u", EventType::PaymentSucceeded, 0), "new stage, on time");
+        assert!(
+            !m.should_nudge("u", EventType::PaymentSucceeded, 0),
+            "new stage, on time"
+        );
         assert!(m.should_nudge("u", EventType::PaymentSucceeded, 1));
         m.published("v", EventType::OrderAccepted);
         assert!(!m.should_nudge("v", EventType::OrderAccepted, 0));

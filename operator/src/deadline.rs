@@ -44,24 +44,33 @@ pub fn compensation_outstanding(status: &OrderStatus) -> bool {
 
 /// What the order in `phase` waits for, if anything.
 pub fn awaiting(phase: OrderPhase, status: &OrderStatus) -> Option<Awaiting> {
-    let condition_time =
-        |t: &str| find(&status.conditions, t).map(|c| c.last_transition_time.0);
+    let condition_time = |t: &str| find(&status.conditions, t).map(|c| c.last_transition_time.0);
     let accepted_at = condition_time(condition::ACCEPTED);
     let (event, since, cancel_when_exhausted) = match phase {
         OrderPhase::Accepted => (EventType::OrderAccepted, accepted_at?, true),
         OrderPhase::Paid => {
             let p = status.payment.as_ref();
-            (EventType::PaymentSucceeded, p.and_then(|p| ts(&p.charged_at)).or(accepted_at)?, true)
+            (
+                EventType::PaymentSucceeded,
+                p.and_then(|p| ts(&p.charged_at)).or(accepted_at)?,
+                true,
+            )
         }
         OrderPhase::Preparing => {
             let k = status.kitchen.as_ref()?;
             // The kitchen said when it would be done; the deadline runs from then.
-            let since = ts(&k.estimated_ready_at).or(ts(&k.ticket_accepted_at)).or(accepted_at)?;
+            let since = ts(&k.estimated_ready_at)
+                .or(ts(&k.ticket_accepted_at))
+                .or(accepted_at)?;
             (EventType::PaymentSucceeded, since, true)
         }
         OrderPhase::Ready => {
             let k = status.kitchen.as_ref()?;
-            (EventType::KitchenReady, ts(&k.ready_at).or(accepted_at)?, false)
+            (
+                EventType::KitchenReady,
+                ts(&k.ready_at).or(accepted_at)?,
+                false,
+            )
         }
         OrderPhase::Cancelled if compensation_outstanding(status) => (
             EventType::OrderCancelled,
@@ -118,11 +127,26 @@ mod tests {
     #[test]
     fn accepted_waits_for_payment_and_cancelled_waits_for_refund() {
         let mut st = OrderStatus::default();
-        set_condition(&mut st.conditions, condition::ACCEPTED, true, "Accepted", "", None, &Time(at(50)));
+        set_condition(
+            &mut st.conditions,
+            condition::ACCEPTED,
+            true,
+            "Accepted",
+            "",
+            None,
+            &Time(at(50)),
+        );
         let a = awaiting(OrderPhase::Accepted, &st).unwrap();
-        assert_eq!((a.event, a.since, a.cancel_when_exhausted), (EventType::OrderAccepted, at(50), true));
+        assert_eq!(
+            (a.event, a.since, a.cancel_when_exhausted),
+            (EventType::OrderAccepted, at(50), true)
+        );
 
-        assert_eq!(awaiting(OrderPhase::Cancelled, &st), None, "nothing to undo");
+        assert_eq!(
+            awaiting(OrderPhase::Cancelled, &st),
+            None,
+            "nothing to undo"
+        );
         st.payment = Some(dishpatch_api::order::PaymentStatus {
             state: PaymentState::Succeeded,
             provider: "simulated".into(),
@@ -133,9 +157,20 @@ mod tests {
             refund_id: None,
             refunded_at: None,
         });
-        set_condition(&mut st.conditions, condition::CANCELLED, true, "CustomerRequested", "", None, &Time(at(70)));
+        set_condition(
+            &mut st.conditions,
+            condition::CANCELLED,
+            true,
+            "CustomerRequested",
+            "",
+            None,
+            &Time(at(70)),
+        );
         let c = awaiting(OrderPhase::Cancelled, &st).unwrap();
-        assert_eq!((c.event, c.since, c.cancel_when_exhausted), (EventType::OrderCancelled, at(70), false));
+        assert_eq!(
+            (c.event, c.since, c.cancel_when_exhausted),
+            (EventType::OrderCancelled, at(70), false)
+        );
         assert_eq!(awaiting(OrderPhase::Delivered, &st), None);
         assert_eq!(awaiting(OrderPhase::OutForDelivery, &st), None);
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
-use kube::api::{Api, PostParams};
 use kube::Client;
+use kube::api::{Api, PostParams};
 use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
@@ -177,7 +177,11 @@ impl Leadership {
             spec.holder_identity = None;
             spec.renew_time = None;
             spec.lease_duration_seconds = Some(1);
-            match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
+            match self
+                .api
+                .replace(&self.cfg.name, &PostParams::default(), &lease)
+                .await
+            {
                 Ok(_) => tracing::info!("released the lease"),
                 Err(e) => tracing::warn!(error = %e, "releasing the lease"),
             }

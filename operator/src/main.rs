@@ -79,13 +79,18 @@ fn crds(out_dir: &Path, check: bool) -> anyhow::Result<()> {
         if check {
             stale.push(path.display().to_string());
         } else {
-            std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-            std::fs::write(&path, &file.contents).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::create_dir_all(out_dir)
+                .with_context(|| format!("creating {}", out_dir.display()))?;
+            std::fs::write(&path, &file.contents)
+                .with_context(|| format!("writing {}", path.display()))?;
             println!("wrote {}", path.display());
         }
     }
     if !stale.is_empty() {
-        bail!("CRDs differ from the Rust types: {}; run `make crds`", stale.join(", "));
+        bail!(
+            "CRDs differ from the Rust types: {}; run `make crds`",
+            stale.join(", ")
+        );
     }
     Ok(())
 }
@@ -108,7 +113,9 @@ async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
 async fn run(config: RunConfig) -> anyhow::Result<()> {
     dishpatch_runtime::init_tracing();
     let shutdown = dishpatch_runtime::shutdown_signal();
-    let client = Client::try_default().await.context("connecting to the apiserver")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the apiserver")?;
     let identity = config.identity();
 
     let mut registry = Registry::default();
@@ -119,9 +126,16 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     // The orders cache exists from the start so /metrics can count phases.
     let watch_health = WatchHealth::new(health.clone());
     let ns = config.namespace.as_deref();
-    let (orders, order_stream) = watches::cached(api::<DeserializeGuard<Order>>(&client, ns), Watched::Orders, watch_health.clone());
-    let (restaurants, restaurant_stream) =
-        watches::cached(api::<DeserializeGuard<Restaurant>>(&client, ns), Watched::Restaurants, watch_health.clone());
+    let (orders, order_stream) = watches::cached(
+        api::<DeserializeGuard<Order>>(&client, ns),
+        Watched::Orders,
+        watch_health.clone(),
+    );
+    let (restaurants, restaurant_stream) = watches::cached(
+        api::<DeserializeGuard<Restaurant>>(&client, ns),
+        Watched::Restaurants,
+        watch_health.clone(),
+    );
 
     let before_scrape = {
         let orders = orders.clone();
@@ -130,7 +144,11 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             let mut counts = std::collections::BTreeMap::new();
             for o in orders.state() {
                 if let Ok(order) = &o.0 {
-                    let phase = order.status.as_ref().and_then(|s| s.phase).unwrap_or(OrderPhase::Pending);
+                    let phase = order
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .unwrap_or(OrderPhase::Pending);
                     *counts.entry(phase).or_insert(0_i64) += 1;
                 }
             }
@@ -144,8 +162,13 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             }
         }) as dishpatch_runtime::BeforeScrape
     };
-    let router = dishpatch_runtime::admin_router(health.clone(), Arc::new(registry), Some(before_scrape));
-    let admin = tokio::spawn(dishpatch_runtime::serve(config.admin_addr, router, shutdown.clone()));
+    let router =
+        dishpatch_runtime::admin_router(health.clone(), Arc::new(registry), Some(before_scrape));
+    let admin = tokio::spawn(dishpatch_runtime::serve(
+        config.admin_addr,
+        router,
+        shutdown.clone(),
+    ));
 
     let broker = loop {
         match Broker::connect(&config.amqp_url, "operator").await {
@@ -205,22 +228,38 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
                 .state()
                 .iter()
                 .filter_map(|o| o.0.as_ref().ok())
-                .filter(|o| o.namespace().as_deref() == Some(ns.as_str()) && o.spec.restaurant_ref.name == name)
-                .filter(|o| o.status.as_ref().and_then(|s| s.phase).is_none_or(|p| p == OrderPhase::Pending))
+                .filter(|o| {
+                    o.namespace().as_deref() == Some(ns.as_str())
+                        && o.spec.restaurant_ref.name == name
+                })
+                .filter(|o| {
+                    o.status
+                        .as_ref()
+                        .and_then(|s| s.phase)
+                        .is_none_or(|p| p == OrderPhase::Pending)
+                })
                 .map(|o| ObjectRef::new(&o.name_any()).within(&ns))
                 .collect::<Vec<_>>()
         }
     };
     let order_controller = Controller::for_stream(order_stream, orders)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
-        .watches(api::<DeserializeGuard<Restaurant>>(&client, ns), watcher::Config::default(), pending_for)
+        .watches(
+            api::<DeserializeGuard<Restaurant>>(&client, ns),
+            watcher::Config::default(),
+            pending_for,
+        )
         .graceful_shutdown_on(wait_shutdown(shutdown.clone()))
         .run(orders::reconcile, orders::error_policy, ctx.clone())
         .for_each(|_| async {});
     let restaurant_controller = Controller::for_stream(restaurant_stream, restaurants)
         .with_config(ControllerConfig::default().concurrency(4))
         .graceful_shutdown_on(wait_shutdown(shutdown.clone()))
-        .run(restaurants::reconcile, restaurants::error_policy, ctx.clone())
+        .run(
+            restaurants::reconcile,
+            restaurants::error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| async {});
 
     let mut lost = leadership.lost.clone();

@@ -49,7 +49,9 @@ impl Metrics {
         let m = Self {
             reconciles: Family::default(),
             errors: Family::default(),
-            duration: Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.001, 2.0, 14))),
+            duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 14))
+            }),
             orders: Family::default(),
             published: Family::default(),
             republished: Family::default(),
@@ -58,13 +60,41 @@ impl Metrics {
         };
         let r = registry.sub_registry_with_prefix("dishpatch_operator");
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
-        r.register("reconcile_errors", "Reconciles that failed, by error kind", m.errors.clone());
-        r.register("reconcile_duration_seconds", "How long reconciles take", m.duration.clone());
-        r.register("orders", "Orders by phase (from the watch cache)", m.orders.clone());
-        r.register("events_published", "Events confirmed by the broker", m.published.clone());
-        r.register("events_republished", "Events re-published because an order stalled", m.republished.clone());
-        r.register("api_writes", "Writes the operator sent to the apiserver", m.writes.clone());
-        r.register("leader", "1 while this replica holds the lease", m.is_leader.clone());
+        r.register(
+            "reconcile_errors",
+            "Reconciles that failed, by error kind",
+            m.errors.clone(),
+        );
+        r.register(
+            "reconcile_duration_seconds",
+            "How long reconciles take",
+            m.duration.clone(),
+        );
+        r.register(
+            "orders",
+            "Orders by phase (from the watch cache)",
+            m.orders.clone(),
+        );
+        r.register(
+            "events_published",
+            "Events confirmed by the broker",
+            m.published.clone(),
+        );
+        r.register(
+            "events_republished",
+            "Events re-published because an order stalled",
+            m.republished.clone(),
+        );
+        r.register(
+            "api_writes",
+            "Writes the operator sent to the apiserver",
+            m.writes.clone(),
+        );
+        r.register(
+            "leader",
+            "1 while this replica holds the lease",
+            m.is_leader.clone(),
+        );
         m
     }
 

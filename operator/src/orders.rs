@@ -47,7 +47,8 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -
         }
     };
     let started = std::time::Instant::now();
-    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let api: Api<Order> =
+        Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
     let uid = order.uid().unwrap_or_default();
     let result = finalizer(&api, FINALIZER, Arc::new(order), |event| async {
         match event {
@@ -57,7 +58,8 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -
     })
     .await
     .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     });
     let labels = crate::metrics::ControllerLabels {
@@ -74,8 +76,17 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -
     result
 }
 
-pub fn error_policy(guard: Arc<DeserializeGuard<Order>>, error: &Error, ctx: Arc<Context>) -> Action {
-    let uid = guard.0.as_ref().ok().and_then(|o| o.uid()).unwrap_or_default();
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<Order>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let uid = guard
+        .0
+        .as_ref()
+        .ok()
+        .and_then(|o| o.uid())
+        .unwrap_or_default();
     ctx.metrics
         .errors
         .get_or_create(&crate::metrics::ErrorLabels {
@@ -111,8 +122,24 @@ impl Owned {
         }
     }
 
-    fn set(&mut self, type_: &str, status: impl Into<Status>, reason: &str, message: &str, generation: Option<i64>, now: &Time) {
-        set_condition(&mut self.conditions, type_, status, reason, message, generation, now);
+    fn set(
+        &mut self,
+        type_: &str,
+        status: impl Into<Status>,
+        reason: &str,
+        message: &str,
+        generation: Option<i64>,
+        now: &Time,
+    ) {
+        set_condition(
+            &mut self.conditions,
+            type_,
+            status,
+            reason,
+            message,
+            generation,
+            now,
+        );
     }
 
     fn is(&self, type_: &str, status: &str) -> bool {
@@ -122,13 +149,17 @@ impl Owned {
 
 /// Server-side applies the operator's fields of the status, and nothing else.
 async fn write_status(ctx: &Context, order: &Order, owned: &Owned) -> Result<()> {
-    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let api: Api<Order> =
+        Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
     let mut status = serde_json::Map::new();
     if let Some(phase) = owned.phase {
         status.insert("phase".into(), json!(phase));
     }
     if !owned.conditions.is_empty() {
-        status.insert("conditions".into(), serde_json::to_value(&owned.conditions)?);
+        status.insert(
+            "conditions".into(),
+            serde_json::to_value(&owned.conditions)?,
+        );
     }
     if let Some(g) = owned.observed_generation {
         status.insert("observedGeneration".into(), json!(g));
@@ -142,13 +173,23 @@ async fn write_status(ctx: &Context, order: &Order, owned: &Owned) -> Result<()>
         "status": status,
     });
     ctx.metrics.write("orders/status");
-    api.patch_status(&order.name_any(), &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch))
-        .await?;
+    api.patch_status(
+        &order.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
     Ok(())
 }
 
 /// Publishes an event about the order and waits for the broker's confirm.
-async fn publish(ctx: &Context, order: &Order, kind: EventType, reason: Option<String>, republish: bool) -> Result<()> {
+async fn publish(
+    ctx: &Context,
+    order: &Order,
+    kind: EventType,
+    reason: Option<String>,
+    republish: bool,
+) -> Result<()> {
     let uid = order.uid().unwrap_or_default();
     let event = CloudEvent::new(
         kind,
@@ -161,7 +202,13 @@ async fn publish(ctx: &Context, order: &Order, kind: EventType, reason: Option<S
         reason,
         Timestamp::now().to_string(),
     );
-    let trace_id = trace::trace_id(&uid, order.annotations().get(trace::TRACEPARENT_ANNOTATION).map(String::as_str));
+    let trace_id = trace::trace_id(
+        &uid,
+        order
+            .annotations()
+            .get(trace::TRACEPARENT_ANNOTATION)
+            .map(String::as_str),
+    );
     let traceparent = trace::child_traceparent(&trace_id);
     ctx.broker.publish(&event, &traceparent).await?;
     ctx.metrics.published(kind.routing_key(), republish);
@@ -224,21 +271,23 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
 
     let decision = ctx
         .stock
-        .update(&namespace, &restaurant, |r, st| match admission::quote(&order.spec, &restaurant, &r.spec) {
-            Err(rejection) => {
-                inventory::release(st, &uid);
-                Decision::Reject(rejection)
-            }
-            Ok(quote) => match inventory::reserve(&r.spec, st, &uid, &name, &quote.lines) {
-                Ok(_) => Decision::Accept {
-                    total: quote.total,
-                    held: inventory::holds(st, &uid),
+        .update(&namespace, &restaurant, |r, st| {
+            match admission::quote(&order.spec, &restaurant, &r.spec) {
+                Err(rejection) => {
+                    inventory::release(st, &uid);
+                    Decision::Reject(rejection)
+                }
+                Ok(quote) => match inventory::reserve(&r.spec, st, &uid, &name, &quote.lines) {
+                    Ok(_) => Decision::Accept {
+                        total: quote.total,
+                        held: inventory::holds(st, &uid),
+                    },
+                    Err(e) => Decision::Reject(Rejection {
+                        reason: reason::OUT_OF_STOCK,
+                        message: e.to_string(),
+                    }),
                 },
-                Err(e) => Decision::Reject(Rejection {
-                    reason: reason::OUT_OF_STOCK,
-                    message: e.to_string(),
-                }),
-            },
+            }
         })
         .await?;
 
@@ -251,10 +300,18 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
             // examples/` sends orders first): wait a while before rejecting.
             let created = order.creation_timestamp().map_or(now.0, |t| t.0);
             let age = Duration::try_from(now.0.duration_since(created)).unwrap_or_default();
-            let message = format!("restaurant {restaurant} does not exist in namespace {namespace}");
+            let message =
+                format!("restaurant {restaurant} does not exist in namespace {namespace}");
             if age < ctx.config.restaurant_grace {
                 owned.phase = Some(OrderPhase::Pending);
-                owned.set(condition::ACCEPTED, Status::Unknown, reason::WAITING_FOR_RESTAURANT, &message, generation, &now);
+                owned.set(
+                    condition::ACCEPTED,
+                    Status::Unknown,
+                    reason::WAITING_FOR_RESTAURANT,
+                    &message,
+                    generation,
+                    &now,
+                );
                 if owned != Owned::of(status) {
                     write_status(ctx, order, &owned).await?;
                 }
@@ -271,19 +328,54 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
     match decision {
         Decision::Reject(rejection) => {
             owned.phase = Some(OrderPhase::Rejected);
-            owned.set(condition::ACCEPTED, false, rejection.reason, &rejection.message, generation, &now);
+            owned.set(
+                condition::ACCEPTED,
+                false,
+                rejection.reason,
+                &rejection.message,
+                generation,
+                &now,
+            );
             write_status(ctx, order, &owned).await?;
-            record(ctx, order, K8sEventType::Warning, "Rejected", format!("{}: {}", rejection.reason, rejection.message)).await;
+            record(
+                ctx,
+                order,
+                K8sEventType::Warning,
+                "Rejected",
+                format!("{}: {}", rejection.reason, rejection.message),
+            )
+            .await;
             tracing::info!(order = %name, %namespace, reason = rejection.reason, "rejected");
             Ok(Action::requeue(ctx.config.retention.min(RESYNC)))
         }
         Decision::Accept { total, held } => {
             owned.phase = Some(OrderPhase::Accepted);
-            owned.set(condition::ACCEPTED, true, reason::ACCEPTED, &format!("priced at {total}"), generation, &now);
+            owned.set(
+                condition::ACCEPTED,
+                true,
+                reason::ACCEPTED,
+                &format!("priced at {total}"),
+                generation,
+                &now,
+            );
             if held {
-                owned.set(condition::STOCK_RESERVED, true, reason::RESERVED, &format!("stock held at restaurant {restaurant}"), generation, &now);
+                owned.set(
+                    condition::STOCK_RESERVED,
+                    true,
+                    reason::RESERVED,
+                    &format!("stock held at restaurant {restaurant}"),
+                    generation,
+                    &now,
+                );
             } else {
-                owned.set(condition::STOCK_RESERVED, false, reason::NOT_LIMITED, "no item of this order has limited stock", generation, &now);
+                owned.set(
+                    condition::STOCK_RESERVED,
+                    false,
+                    reason::NOT_LIMITED,
+                    "no item of this order has limited stock",
+                    generation,
+                    &now,
+                );
             }
             owned.total = Some(total.clone());
             ctx.memory.queue(&uid, EventType::OrderAccepted);
@@ -291,7 +383,14 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
             publish(ctx, order, EventType::OrderAccepted, None, false).await?;
             ctx.memory.sent(&uid, EventType::OrderAccepted);
             ctx.memory.published(&uid, EventType::OrderAccepted);
-            record(ctx, order, K8sEventType::Normal, "Accepted", format!("Accepted at {total}; order.accepted published")).await;
+            record(
+                ctx,
+                order,
+                K8sEventType::Normal,
+                "Accepted",
+                format!("Accepted at {total}; order.accepted published"),
+            )
+            .await;
             tracing::info!(order = %name, %namespace, %total, "accepted");
             Ok(Action::requeue(ctx.config.stage_deadline))
         }
@@ -299,7 +398,11 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
 }
 
 /// Why to cancel an accepted order now, if at all.
-fn cancellation(order: &Order, status: &OrderStatus, facts: &Facts) -> Option<(&'static str, String)> {
+fn cancellation(
+    order: &Order,
+    status: &OrderStatus,
+    facts: &Facts,
+) -> Option<(&'static str, String)> {
     if let Some(request) = &order.spec.cancellation {
         return Some((reason::CUSTOMER_REQUESTED, request.reason.clone()));
     }
@@ -312,7 +415,10 @@ fn cancellation(order: &Order, status: &OrderStatus, facts: &Facts) -> Option<(&
         return Some((reason::PAYMENT_FAILED, why));
     }
     if facts.kitchen == Some(KitchenState::Dropped) {
-        return Some((reason::KITCHEN_FAILED, "the kitchen could not prepare the order".into()));
+        return Some((
+            reason::KITCHEN_FAILED,
+            "the kitchen could not prepare the order".into(),
+        ));
     }
     None
 }
@@ -353,9 +459,20 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
             }
             Some((reason::CUSTOMER_REQUESTED, _)) => {
                 if !owned.is(condition::CANCELLED, "False") {
-                    notes.push((K8sEventType::Warning, reason::TOO_LATE, "cancellation refused: the order was already picked up".into()));
+                    notes.push((
+                        K8sEventType::Warning,
+                        reason::TOO_LATE,
+                        "cancellation refused: the order was already picked up".into(),
+                    ));
                 }
-                owned.set(condition::CANCELLED, false, reason::TOO_LATE, "the courier already picked the order up", generation, &t);
+                owned.set(
+                    condition::CANCELLED,
+                    false,
+                    reason::TOO_LATE,
+                    "the courier already picked the order up",
+                    generation,
+                    &t,
+                );
             }
             _ => {}
         }
@@ -375,7 +492,8 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
 
     // Stock: give it back when cancelled or rejected, mark it used when delivered.
     let give_back = matches!(phase, OrderPhase::Cancelled | OrderPhase::Rejected);
-    if (give_back || phase == OrderPhase::Delivered) && owned.is(condition::STOCK_RESERVED, "True") {
+    if (give_back || phase == OrderPhase::Delivered) && owned.is(condition::STOCK_RESERVED, "True")
+    {
         ctx.stock
             .update(&namespace, &restaurant, |_, st| {
                 if give_back {
@@ -390,7 +508,14 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
         } else {
             (reason::CONSUMED, "stock used by the delivered order")
         };
-        owned.set(condition::STOCK_RESERVED, false, why, message, generation, &t);
+        owned.set(
+            condition::STOCK_RESERVED,
+            false,
+            why,
+            message,
+            generation,
+            &t,
+        );
     }
 
     if phase != current {
@@ -457,19 +582,37 @@ async fn nudge(order: &Order, aw: Awaiting, ctx: &Context, now: Timestamp) -> Re
                 order,
                 K8sEventType::Warning,
                 "Republished",
-                format!("no progress for {}s: re-published {} (attempt {passed})", deadline.as_secs() * u64::from(passed), aw.event),
+                format!(
+                    "no progress for {}s: re-published {} (attempt {passed})",
+                    deadline.as_secs() * u64::from(passed),
+                    aw.event
+                ),
             )
             .await;
         }
     }
-    Ok(Action::requeue(deadline::until_next(aw.since, now, deadline, passed)))
+    Ok(Action::requeue(deadline::until_next(
+        aw.since, now, deadline, passed,
+    )))
 }
 
 /// Deletes a terminal order once its retention has passed.
-async fn expire(order: &Order, phase: OrderPhase, status: &OrderStatus, ctx: &Context, now: Timestamp) -> Result<Action> {
+async fn expire(
+    order: &Order,
+    phase: OrderPhase,
+    status: &OrderStatus,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Action> {
     let since = match phase {
-        OrderPhase::Delivered => status.delivery.as_ref().and_then(|d| d.delivered_at.as_ref()).map(|t| t.0),
-        OrderPhase::Cancelled => find(&status.conditions, condition::CANCELLED).map(|c| c.last_transition_time.0),
+        OrderPhase::Delivered => status
+            .delivery
+            .as_ref()
+            .and_then(|d| d.delivered_at.as_ref())
+            .map(|t| t.0),
+        OrderPhase::Cancelled => {
+            find(&status.conditions, condition::CANCELLED).map(|c| c.last_transition_time.0)
+        }
         _ => find(&status.conditions, condition::ACCEPTED).map(|c| c.last_transition_time.0),
     }
     .unwrap_or(now);
@@ -477,10 +620,16 @@ async fn expire(order: &Order, phase: OrderPhase, status: &OrderStatus, ctx: &Co
     if age < ctx.config.retention {
         return Ok(Action::requeue((ctx.config.retention - age).min(RESYNC)));
     }
-    let api: Api<Order> = Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
+    let api: Api<Order> =
+        Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
     ctx.metrics.write("orders");
-    match api.delete(&order.name_any(), &DeleteParams::background()).await {
-        Ok(_) => tracing::info!(order = %order.name_any(), %phase, "deleted after its retention period"),
+    match api
+        .delete(&order.name_any(), &DeleteParams::background())
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(order = %order.name_any(), %phase, "deleted after its retention period")
+        }
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(e.into()),
     }
@@ -506,26 +655,48 @@ async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
     }
     let released = ctx
         .stock
-        .update(&namespace, &order.spec.restaurant_ref.name, |_, st| inventory::release(st, &uid))
+        .update(&namespace, &order.spec.restaurant_ref.name, |_, st| {
+            inventory::release(st, &uid)
+        })
         .await?
         .unwrap_or(false);
     if released {
-        record(ctx, order, K8sEventType::Normal, reason::RELEASED, "stock returned to the restaurant".into()).await;
+        record(
+            ctx,
+            order,
+            K8sEventType::Normal,
+            reason::RELEASED,
+            "stock returned to the restaurant".into(),
+        )
+        .await;
     }
 
-    let charged = status.payment.as_ref().is_some_and(|p| p.state == PaymentState::Succeeded);
+    let charged = status
+        .payment
+        .as_ref()
+        .is_some_and(|p| p.state == PaymentState::Succeeded);
     if charged && phase != OrderPhase::Delivered {
-        let since = order.meta().deletion_timestamp.as_ref().map_or_else(Timestamp::now, |t| t.0);
+        let since = order
+            .meta()
+            .deletion_timestamp
+            .as_ref()
+            .map_or_else(Timestamp::now, |t| t.0);
         let waited = Duration::try_from(Timestamp::now().duration_since(since)).unwrap_or_default();
         if waited < ctx.config.cleanup_timeout {
-            return Err(Error::Waiting(format!("order {} waits for its refund", order.name_any())));
+            return Err(Error::Waiting(format!(
+                "order {} waits for its refund",
+                order.name_any()
+            )));
         }
         record(
             ctx,
             order,
             K8sEventType::Warning,
             "RefundTimeout",
-            format!("no refund after {}s; letting the order go", ctx.config.cleanup_timeout.as_secs()),
+            format!(
+                "no refund after {}s; letting the order go",
+                ctx.config.cleanup_timeout.as_secs()
+            ),
         )
         .await;
     }

@@ -6,16 +6,19 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dishpatch_api::inventory;
 use dishpatch_api::Restaurant;
+use dishpatch_api::inventory;
+use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
-use kube::ResourceExt;
 
 use crate::context::Context;
 use crate::error::{Error, Result};
 
-pub async fn reconcile(guard: Arc<DeserializeGuard<Restaurant>>, ctx: Arc<Context>) -> Result<Action> {
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<Restaurant>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
     let restaurant = match &guard.0 {
         Ok(r) => r,
         Err(invalid) => {
@@ -49,7 +52,12 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Restaurant>>, ctx: Arc<Contex
             });
             let mut orphans = Vec::new();
             if let Some(live) = &live {
-                orphans = st.holds.iter().filter(|h| !live.contains(&h.order_uid)).map(|h| h.order_uid.clone()).collect();
+                orphans = st
+                    .holds
+                    .iter()
+                    .filter(|h| !live.contains(&h.order_uid))
+                    .map(|h| h.order_uid.clone())
+                    .collect();
                 for uid in &orphans {
                     inventory::release(st, uid);
                 }
@@ -68,7 +76,11 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Restaurant>>, ctx: Arc<Contex
     Ok(Action::requeue(Duration::from_secs(600)))
 }
 
-pub fn error_policy(_: Arc<DeserializeGuard<Restaurant>>, error: &Error, ctx: Arc<Context>) -> Action {
+pub fn error_policy(
+    _: Arc<DeserializeGuard<Restaurant>>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
     ctx.metrics
         .errors
         .get_or_create(&crate::metrics::ErrorLabels {

@@ -11,8 +11,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dishpatch_api::{Restaurant, RestaurantStatus};
-use kube::api::{Api, PostParams};
 use kube::Client;
+use kube::api::{Api, PostParams};
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};

@@ -6,11 +6,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use dishpatch_runtime::Health;
 use futures::{Stream, StreamExt};
+use kube::Api;
 use kube::Resource;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher::{self, Event};
-use kube::runtime::WatchStreamExt;
-use kube::Api;
 use serde::de::DeserializeOwned;
 
 /// Whether each watch has listed once and has not failed since.
@@ -39,14 +39,20 @@ impl WatchHealth {
         let restaurants = self.restaurants.load(Ordering::SeqCst);
         match (orders, restaurants) {
             (true, true) => self.health.set_ready(true, "leading; watches healthy"),
-            (false, _) => self.health.set_ready(false, "the Orders watch is not synced"),
-            (_, false) => self.health.set_ready(false, "the Restaurants watch is not synced"),
+            (false, _) => self
+                .health
+                .set_ready(false, "the Orders watch is not synced"),
+            (_, false) => self
+                .health
+                .set_ready(false, "the Restaurants watch is not synced"),
         }
     }
 
     fn observe<K>(&self, flag: &AtomicBool, name: &str, event: &Result<Event<K>, watcher::Error>) {
         match event {
-            Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => flag.store(true, Ordering::SeqCst),
+            Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => {
+                flag.store(true, Ordering::SeqCst)
+            }
             Ok(Event::Init | Event::InitApply(_)) => {}
             Err(e) => {
                 tracing::warn!(watch = name, error = %e, "watch failed; retrying");
@@ -69,7 +75,10 @@ pub fn cached<K>(
     api: Api<K>,
     watched: Watched,
     health: WatchHealth,
-) -> (Store<K>, impl Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,

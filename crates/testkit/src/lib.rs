@@ -194,3 +194,85 @@ pub async fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<KubectlOutput
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
 }
+
+/// Creates a RabbitMQ vhost of its own for a test (through `hack/cluster.sh`)
+/// and returns its AMQP URL, so tests sharing one broker don't see each
+/// other's events.
+pub async fn amqp_vhost(name: &str) -> Result<String, Error> {
+    let out = tokio::process::Command::new(workspace_root().join("hack/cluster.sh"))
+        .args(["vhost", name])
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(Error::Kubectl(std::io::Error::other(format!(
+            "creating vhost {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Polls `get` until `done` holds for what it returns, or `timeout` passes;
+/// returns the last value seen either way, so a failing assertion can show it.
+pub async fn eventually<T, F, Fut>(
+    timeout: Duration,
+    mut get: F,
+    done: impl Fn(&T) -> bool,
+) -> (bool, T)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let value = get().await;
+        if done(&value) {
+            return (true, value);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return (false, value);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Object fixtures shared by the integration tests.
+pub mod fixtures {
+    use dishpatch_api::{Order, Restaurant};
+
+    /// A restaurant with `pizza` (950, stock as given) and unlimited `water` (200).
+    pub fn restaurant(name: &str, open: bool, pizza_stock: Option<i64>) -> Restaurant {
+        let mut pizza = serde_json::json!({"id": "pizza", "name": "Pizza", "price": 950, "prepTimeSeconds": 60});
+        if let Some(stock) = pizza_stock {
+            pizza["stock"] = stock.into();
+        }
+        let value = serde_json::json!({
+            "apiVersion": "dishpatch.dev/v1alpha1",
+            "kind": "Restaurant",
+            "metadata": {"name": name},
+            "spec": {
+                "displayName": name, "zone": "mitte", "open": open, "currency": "EUR",
+                "kitchen": {"capacity": 2},
+                "menu": [pizza, {"id": "water", "name": "Water", "price": 200, "prepTimeSeconds": 1}]
+            }
+        });
+        serde_json::from_value(value).unwrap_or_else(|e| panic!("restaurant fixture: {e}"))
+    }
+
+    /// An order for `items` (menu item, quantity) at `restaurant`.
+    pub fn order(name: &str, restaurant: &str, items: &[(&str, i32)]) -> Order {
+        let value = serde_json::json!({
+            "apiVersion": "dishpatch.dev/v1alpha1",
+            "kind": "Order",
+            "metadata": {"name": name},
+            "spec": {
+                "customer": {"id": "cust-1", "name": "Jane Doe", "contact": {"email": "jane@example.com"}},
+                "restaurantRef": {"name": restaurant},
+                "items": items.iter().map(|(m, q)| serde_json::json!({"menuItem": m, "quantity": q})).collect::<Vec<_>>(),
+                "deliveryAddress": {"street": "Torstraße 1", "city": "Berlin", "postalCode": "10119", "country": "DE"},
+                "payment": {"token": "tok_visa"}
+            }
+        });
+        serde_json::from_value(value).unwrap_or_else(|e| panic!("order fixture: {e}"))
+    }
+}
