@@ -9,6 +9,7 @@
 #   hack/cluster.sh down        stop everything this script started
 #   hack/cluster.sh status      what runs, and where
 #   hack/cluster.sh vhost NAME  create a RabbitMQ vhost (for tests) and print its AMQP URL
+#   hack/cluster.sh rabbitmq-up|rabbitmq-down   just the broker
 #   hack/cluster.sh clean       down, then delete all local state (.dev/)
 #
 # State lives in .dev/ (kubeconfig, certificates, etcd data, logs, pids).
@@ -183,7 +184,7 @@ up() {
 # RabbitMQ from the distribution's package, run as this user with its state in
 # .dev/, listening on loopback only (AMQP, Erlang distribution and epmd).
 rabbit_env() {
-  export RABBITMQ_NODENAME="dishpatch@localhost"
+  export RABBITMQ_NODENAME="dishpatch-$AMQP_PORT@localhost"
   export RABBITMQ_NODE_IP_ADDRESS=127.0.0.1
   export RABBITMQ_NODE_PORT="$AMQP_PORT"
   export RABBITMQ_DIST_PORT=$((AMQP_PORT + 20000))
@@ -273,6 +274,8 @@ case "${1:-}" in
   up) up ;;
   platform) platform ;;
   vhost) vhost "${2:?vhost name}" ;;
+  rabbitmq-up) rabbitmq_up ;;     # just the broker (with DISHPATCH_DEV_DIR/DISHPATCH_AMQP_PORT: a second one)
+  rabbitmq-down) rabbitmq_down ;;
   down) down ;;
   status) status ;;
   clean) down; rm -rf "$DEV" ;;

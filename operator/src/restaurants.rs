@@ -38,7 +38,7 @@ pub async fn reconcile(
     }
     let orphans = ctx
         .stock
-        .update(&namespace, &name, |r, st| {
+        .update(&namespace, &name, |_, st| {
             // Holds of orders that vanished without compensation (their
             // finalizer was removed by hand) would keep stock forever. Read
             // the cache under the restaurant's lock: an order that reserved
@@ -62,9 +62,6 @@ pub async fn reconcile(
                     inventory::release(st, uid);
                 }
             }
-            inventory::refresh(&r.spec, st);
-            st.menu_items = i32::try_from(r.spec.menu.len()).ok();
-            st.observed_generation = r.metadata.generation;
             orphans
         })
         .await?;

@@ -24,6 +24,13 @@ const ATTEMPTS: usize = 8;
 
 type Slot = Arc<Mutex<Option<Restaurant>>>;
 
+/// What every status write brings up to date, whoever makes it.
+fn summarize(r: &Restaurant, status: &mut RestaurantStatus) {
+    dishpatch_api::inventory::refresh(&r.spec, status);
+    status.menu_items = i32::try_from(r.spec.menu.len()).ok();
+    status.observed_generation = r.metadata.generation;
+}
+
 pub struct StockKeeper {
     client: Client,
     metrics: Arc<Metrics>,
@@ -82,6 +89,7 @@ impl StockKeeper {
             };
             let before = restaurant.status.clone().unwrap_or_default();
             let mut status = before.clone();
+            summarize(&restaurant, &mut status);
             let out = decide(&restaurant, &mut status);
             if status == before {
                 *cached = Some(restaurant);
