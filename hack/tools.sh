@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Builds the real control-plane binaries (etcd, kube-apiserver) and helm from
-# their published Go modules, once per version, into a cache outside the clone.
-# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|helm|all|path NAME]
+# Builds the real control-plane binaries (etcd, kube-apiserver,
+# kube-controller-manager), stripe-mock and helm from their published Go
+# modules, once per version, into a cache outside the clone.
+# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|stripe-mock|helm|all|path NAME]
 set -euo pipefail
 
 # Kubernetes minor must match the k8s-openapi feature in Cargo.toml (v1_33).
 KUBE_VERSION="${KUBE_VERSION:-v1.33.13}"
 ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
 HELM_VERSION="${HELM_VERSION:-v3.19.0}"
+STRIPE_MOCK_VERSION="${STRIPE_MOCK_VERSION:-v0.203.0}"
 CACHE="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
@@ -70,11 +72,17 @@ build_helm() {
   go_build_from_module "$BIN/helm-$HELM_VERSION" helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 }
 
+# Stripe's own mock of its API, for testing the Stripe adapter.
+build_stripe_mock() {
+  go_build_from_module "$BIN/stripe-mock-$STRIPE_MOCK_VERSION" github.com/stripe/stripe-mock "$STRIPE_MOCK_VERSION" github.com/stripe/stripe-mock
+}
+
 path_of() {
   case $1 in
     etcd) echo "$BIN/etcd-$ETCD_VERSION" ;;
     kube-apiserver | kube-controller-manager) echo "$BIN/$1-$KUBE_VERSION" ;;
     helm) echo "$BIN/helm-$HELM_VERSION" ;;
+    stripe-mock) echo "$BIN/stripe-mock-$STRIPE_MOCK_VERSION" ;;
   esac
 }
 
@@ -82,7 +90,8 @@ case "${1:-all}" in
   etcd) build_etcd ;;
   kube-apiserver | kube-controller-manager) build_kube "$1" ;;
   helm) build_helm ;;
+  stripe-mock) build_stripe_mock ;;
   path) path_of "${2:?name}" ;;
-  all) build_etcd; build_kube kube-apiserver; build_kube kube-controller-manager ;;
-  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|helm|all|path NAME]" >&2; exit 2 ;;
+  all) build_etcd; build_kube kube-apiserver; build_kube kube-controller-manager; build_stripe_mock ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|stripe-mock|helm|all|path NAME]" >&2; exit 2 ;;
 esac

@@ -8,8 +8,18 @@
 
 mod consume;
 mod metrics;
+mod service;
 mod status;
 
 pub use consume::{HandleError, Handler, run};
 pub use metrics::WorkerMetrics;
+pub use service::{CommonArgs, Parts, ServiceError, serve};
 pub use status::{OrderAccess, Stage};
+
+/// A fresh `traceparent` on an order's trace, for work a worker starts on
+/// its own (timers) rather than in answer to a message.
+pub fn child_traceparent(order_uid: &str) -> String {
+    dishpatch_messaging::trace::child_traceparent(&dishpatch_messaging::trace::trace_id(
+        order_uid, None,
+    ))
+}

@@ -1,11 +1,101 @@
-//! `dishpatch-payment`: not built yet. It lands with its own issue; until then
-//! it says so and exits non-zero rather than pretending to run.
+//! `dishpatch-payment`: charges accepted orders and refunds cancelled ones.
 
-fn main() {
-    eprintln!(
-        "dishpatch-payment {}: this service is not implemented yet (API group {})",
-        env!("CARGO_PKG_VERSION"),
-        dishpatch_api::GROUP
-    );
-    std::process::exit(2);
+mod gateway;
+mod handler;
+mod simulated;
+mod stripe;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use dishpatch_worker::{CommonArgs, Stage, serve};
+
+#[derive(Parser)]
+#[command(
+    name = "dishpatch-payment",
+    version,
+    about = "Charges and refunds dishpatch orders"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume order.accepted and order.cancelled.
+    Run(Box<Args>),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum GatewayKind {
+    Simulated,
+    Stripe,
+}
+
+#[derive(clap::Args, Debug)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Which payment gateway to charge through.
+    #[arg(
+        long,
+        env = "DISHPATCH_GATEWAY",
+        value_enum,
+        default_value = "simulated"
+    )]
+    gateway: GatewayKind,
+    /// The simulated gateway's ledger (one JSON line per charge or refund).
+    #[arg(
+        long,
+        env = "DISHPATCH_LEDGER",
+        default_value = ".dev/payment-ledger.jsonl"
+    )]
+    ledger: PathBuf,
+    /// Base URL of the Stripe API.
+    #[arg(
+        long,
+        env = "STRIPE_API_BASE",
+        default_value = "https://api.stripe.com"
+    )]
+    stripe_url: String,
+    /// File holding the Stripe secret key (or set STRIPE_API_KEY).
+    #[arg(long, env = "STRIPE_API_KEY_FILE")]
+    stripe_key_file: Option<PathBuf>,
+}
+
+const STAGE: Stage = Stage {
+    service: "payment",
+    manager: "dishpatch-payment",
+    section: "payment",
+};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let Command::Run(args) = Cli::parse().command;
+    let gateway: Arc<dyn gateway::PaymentGateway> = match args.gateway {
+        GatewayKind::Simulated => Arc::new(simulated::Simulated::new(args.ledger.clone())),
+        GatewayKind::Stripe => {
+            let key = match &args.stripe_key_file {
+                Some(path) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                None => std::env::var("STRIPE_API_KEY")
+                    .context("set STRIPE_API_KEY or --stripe-key-file")?,
+            };
+            Arc::new(stripe::Stripe::new(
+                &args.stripe_url,
+                key.trim().to_string(),
+            )?)
+        }
+    };
+    serve(STAGE, args.common, |parts| async move {
+        Ok(handler::Payment {
+            access: parts.access,
+            gateway,
+        })
+    })
+    .await?;
+    Ok(())
 }

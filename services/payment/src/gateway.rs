@@ -1,0 +1,59 @@
+//! Payment gateways: where money actually moves.
+
+use std::future::Future;
+use std::pin::Pin;
+
+/// A charge to make, once per idempotency key.
+#[derive(Debug, Clone)]
+pub struct ChargeRequest {
+    /// Derived from the order's uid: the same order is never charged twice.
+    pub idempotency_key: String,
+    pub order_uid: String,
+    pub amount: i64,
+    pub currency: String,
+    /// A provider token (`tok_…`, `pm_…`); never card data.
+    pub token: String,
+    pub description: String,
+}
+
+/// A refund of a charge, once per idempotency key.
+#[derive(Debug, Clone)]
+pub struct RefundRequest {
+    pub idempotency_key: String,
+    pub order_uid: String,
+    pub payment_id: String,
+    pub amount: i64,
+    pub currency: String,
+}
+
+/// What a charge came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Succeeded {
+        payment_id: String,
+    },
+    /// The card was refused: a final answer, not an error.
+    Declined {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    /// Try again later (network, 5xx, rate limit); the idempotency key makes it safe.
+    #[error("retryable gateway error: {0}")]
+    Retryable(String),
+    /// The request itself is wrong; trying again won't help.
+    #[error("gateway rejected the request: {0}")]
+    Permanent(String),
+}
+
+pub type GatewayFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, GatewayError>> + Send + 'a>>;
+
+pub trait PaymentGateway: Send + Sync {
+    /// `simulated` or `stripe`, recorded in `status.payment.provider`.
+    fn name(&self) -> &'static str;
+    fn charge<'a>(&'a self, req: &'a ChargeRequest) -> GatewayFuture<'a, ChargeOutcome>;
+    /// Returns the refund's id.
+    fn refund<'a>(&'a self, req: &'a RefundRequest) -> GatewayFuture<'a, String>;
+}
