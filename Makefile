@@ -38,6 +38,7 @@ build: ## Build every crate
 
 test: ## Run every test (unit, property and integration) against the real local control plane
 	@hack/cluster.sh up
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 bench: ## Measure the operator (API writes per accepted order, orders accepted per second)

@@ -276,3 +276,17 @@ pub mod fixtures {
         serde_json::from_value(value).unwrap_or_else(|e| panic!("order fixture: {e}"))
     }
 }
+
+/// A binary of this workspace, built next to the running test (so tests in
+/// one crate can run another crate's binaries; `cargo test --workspace`
+/// builds them all).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    dir.join(name)
+}
