@@ -232,12 +232,23 @@ platform() {
   [ -x "$BIN_DIR/dishpatch-operator" ] || die "build first: cargo build --workspace --bins"
   export KUBECONFIG="$KUBECONFIG_PATH"
   local amqp="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
-  start dishpatch-operator env LOG_FORMAT="${LOG_FORMAT:-json}" "$BIN_DIR/dishpatch-operator" run \
-    --namespace "${DISHPATCH_NAMESPACE:-default}" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
+  local ns="${DISHPATCH_NAMESPACE:-default}" scale="${DISHPATCH_TIME_SCALE:-0.05}"
+  local logfmt="${LOG_FORMAT:-json}"
+  start dishpatch-operator env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-operator" run \
+    --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
+  start dishpatch-payment env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-payment" run \
+    --amqp-url "$amqp" --admin-addr 127.0.0.1:9091 --ledger "$DEV/payment-ledger.jsonl"
+  start dishpatch-kitchen env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-kitchen" run \
+    --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9092 --time-scale "$scale"
+  start dishpatch-delivery env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-delivery" run \
+    --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9093 --time-scale "$scale" --auto-accept
 }
 
+PLATFORM=(dishpatch-delivery dishpatch-kitchen dishpatch-payment dishpatch-operator)
+
 platform_down() {
-  stop dishpatch-operator
+  local name
+  for name in "${PLATFORM[@]}"; do stop "$name"; done
 }
 
 stop() { # stop NAME: TERM, then KILL after 10s
@@ -263,7 +274,7 @@ down() {
 
 status() {
   local name
-  for name in etcd kube-apiserver kube-controller-manager dishpatch-operator; do
+  for name in etcd kube-apiserver kube-controller-manager "${PLATFORM[@]}"; do
     if running "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
   done
   if rabbitmqctl_ -q status >/dev/null 2>&1; then echo "rabbitmq: running (amqp://127.0.0.1:$AMQP_PORT)"; else echo "rabbitmq: stopped"; fi
