@@ -26,7 +26,7 @@ use kube::core::DeserializeGuard;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
@@ -104,6 +104,19 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// Restaurants whose spec changed (or that appeared). Status writes, one per
+/// stock reservation, must not wake every pending order of the restaurant:
+/// under load that herd would serialize on the restaurant's lock.
+fn restaurant_changes(
+    api: Api<DeserializeGuard<Restaurant>>,
+) -> impl futures::Stream<Item = Result<DeserializeGuard<Restaurant>, watcher::Error>> + Send + 'static
+{
+    watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .touched_objects()
+        .predicate_filter(predicates::generation, Default::default())
 }
 
 async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
@@ -244,9 +257,8 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     };
     let order_controller = Controller::for_stream(order_stream, orders)
         .with_config(ControllerConfig::default().concurrency(config.concurrency))
-        .watches(
-            api::<DeserializeGuard<Restaurant>>(&client, ns),
-            watcher::Config::default(),
+        .watches_stream(
+            restaurant_changes(api::<DeserializeGuard<Restaurant>>(&client, ns)),
             pending_for,
         )
         .graceful_shutdown_on(wait_shutdown(shutdown.clone()))

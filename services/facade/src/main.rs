@@ -1,11 +1,232 @@
-//! `dishpatch-facade`: not built yet. It lands with its own issue; until then
-//! it says so and exits non-zero rather than pretending to run.
+//! `dishpatch-facade`: the customer and courier HTTP API and web page. Writes
+//! go through the Kubernetes API; reads come from watch-backed caches.
 
-fn main() {
-    eprintln!(
-        "dishpatch-facade {}: this service is not implemented yet (API group {})",
-        env!("CARGO_PKG_VERSION"),
-        dishpatch_api::GROUP
-    );
-    std::process::exit(2);
+mod app;
+mod auth;
+mod cache;
+mod courier;
+mod events;
+mod metrics;
+mod openapi;
+mod orders;
+mod problem;
+mod ratelimit;
+mod restaurants;
+mod views;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use dishpatch_runtime::Health;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+use prometheus_client::registry::Registry;
+
+use crate::auth::{Keys, Role};
+
+#[derive(Parser)]
+#[command(
+    name = "dishpatch-facade",
+    version,
+    about = "The dishpatch customer and courier API"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the API, the web page and the admin endpoints.
+    Run(Box<RunConfig>),
+    /// Mint a token for development and tests; prints it on stdout.
+    Token(TokenArgs),
+    /// Print the OpenAPI document.
+    Openapi,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m, h or d)"
+            ));
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
+}
+
+#[derive(clap::Args)]
+struct RunConfig {
+    /// Address of the API, the web page and /healthz, /readyz, /metrics.
+    #[arg(
+        long,
+        env = "DISHPATCH_FACADE_LISTEN",
+        default_value = "127.0.0.1:8080"
+    )]
+    listen: SocketAddr,
+    /// Namespace orders are created in and read from (and restaurants and couriers read from).
+    #[arg(long, env = "DISHPATCH_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// File holding the HS256 signing key (at least 16 bytes).
+    #[arg(long, env = "DISHPATCH_JWT_KEY_FILE", conflicts_with = "jwt_secret")]
+    jwt_key_file: Option<PathBuf>,
+    /// Secret in --namespace whose key `key` holds the signing key.
+    #[arg(long, env = "DISHPATCH_JWT_SECRET")]
+    jwt_secret: Option<String>,
+    /// Expose POST /dev/token, which mints customer tokens for anyone. Local development only.
+    #[arg(long, env = "DISHPATCH_DEV_LOGIN")]
+    dev_login: bool,
+    /// Requests per second each client (token subject, else IP) may make on average.
+    #[arg(long, env = "DISHPATCH_RATE_LIMIT", default_value_t = 20.0)]
+    rate_limit: f64,
+    /// Requests a client may make in a burst.
+    #[arg(long, env = "DISHPATCH_RATE_BURST", default_value_t = 40)]
+    rate_burst: u32,
+    /// Deadline of each Kubernetes API call; past it the request fails with 503.
+    #[arg(long, env = "DISHPATCH_API_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    api_timeout: Duration,
+    /// Deadline of a whole request (not of live-tracking streams).
+    #[arg(long, env = "DISHPATCH_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    request_timeout: Duration,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    #[arg(long, value_enum)]
+    role: Role,
+    /// Customer id, or the Courier resource's name.
+    #[arg(long)]
+    sub: String,
+    /// File holding the HS256 signing key.
+    #[arg(long)]
+    key_file: PathBuf,
+    /// How long the token is valid.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    ttl: Duration,
+    /// Display name claim (the customer name on orders).
+    #[arg(long)]
+    name: Option<String>,
+    /// E-mail claim (the order's contact).
+    #[arg(long)]
+    email: Option<String>,
+    /// Phone claim (E.164).
+    #[arg(long)]
+    phone: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run(config) => run(*config).await,
+        Command::Token(args) => token(args),
+        Command::Openapi => {
+            use utoipa::OpenApi as _;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&openapi::ApiDoc::openapi())?
+            );
+            Ok(())
+        }
+    }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    let keys = Keys::from_file(&args.key_file)?;
+    let mut claims = auth::claims(&args.sub, args.role, args.ttl);
+    claims.name = args.name;
+    claims.email = args.email;
+    claims.phone = args.phone;
+    println!("{}", keys.mint(&claims)?);
+    Ok(())
+}
+
+async fn load_keys(config: &RunConfig, client: &Client) -> anyhow::Result<Keys> {
+    if let Some(path) = &config.jwt_key_file {
+        return Ok(Keys::from_file(path)?);
+    }
+    let Some(name) = &config.jwt_secret else {
+        bail!("set --jwt-key-file or --jwt-secret: the façade needs a key to verify tokens");
+    };
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
+    let secret = tokio::time::timeout(config.api_timeout, secrets.get(name))
+        .await
+        .context("reading the JWT secret timed out")?
+        .with_context(|| format!("reading Secret {}/{name}", config.namespace))?;
+    let key = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get("key"))
+        .with_context(|| format!("Secret {}/{name} has no key `key`", config.namespace))?;
+    Ok(Keys::from_secret(&key.0)?)
+}
+
+async fn run(config: RunConfig) -> anyhow::Result<()> {
+    dishpatch_runtime::init_tracing();
+    let mut shutdown = dishpatch_runtime::shutdown_signal();
+    let client = Client::try_default()
+        .await
+        .context("connecting to the apiserver")?;
+    let keys = load_keys(&config, &client).await?;
+
+    let mut registry = Registry::default();
+    let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+    let health = Health::default();
+    health.set_ready(false, "starting");
+    let caches = cache::Caches::start(&client, &config.namespace, health.clone());
+
+    let state = app::AppState {
+        caches,
+        client,
+        keys,
+        metrics,
+        limiter: Arc::new(ratelimit::RateLimiter::new(
+            config.rate_limit,
+            config.rate_burst,
+        )),
+        api_timeout: config.api_timeout,
+        request_timeout: config.request_timeout,
+        dev_login: config.dev_login,
+    };
+    if config.dev_login {
+        tracing::warn!(
+            "--dev-login: POST /dev/token mints tokens for anyone; local development only"
+        );
+    }
+    let router = app::router(state).merge(dishpatch_runtime::admin_router(
+        health,
+        Arc::new(registry),
+        None,
+    ));
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    tracing::info!(addr = %config.listen, namespace = %config.namespace, "serving the façade");
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    })
+    .await
+    .context("serving")?;
+    Ok(())
 }

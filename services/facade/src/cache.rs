@@ -1,0 +1,170 @@
+//! Watch-backed caches of Orders, Restaurants and Couriers. Every GET is
+//! served from here, so a busy read path never touches the apiserver; the
+//! Orders watch also feeds the live-tracking broadcast.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dishpatch_api::courier::Courier;
+use dishpatch_api::{Order, Restaurant};
+use dishpatch_runtime::Health;
+use futures::StreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
+use tokio::sync::broadcast;
+
+/// What the Orders watch saw happen to one order.
+#[derive(Clone, Debug)]
+pub enum OrderChange {
+    Applied(Arc<Order>),
+    Deleted(Arc<Order>),
+}
+
+/// The three stores plus the order-change broadcast.
+#[derive(Clone)]
+pub struct Caches {
+    pub namespace: String,
+    pub orders: Store<Order>,
+    pub restaurants: Store<Restaurant>,
+    pub couriers: Store<Courier>,
+    pub changes: broadcast::Sender<OrderChange>,
+}
+
+/// Enough for a burst of transitions; a subscriber that lags this far
+/// re-sends the current state instead (see `events`).
+const BROADCAST_CAPACITY: usize = 1024;
+
+impl Caches {
+    /// Starts the watches; `health` turns ready once all three stores have
+    /// listed their objects.
+    pub fn start(client: &Client, namespace: &str, health: Health) -> Self {
+        let (changes, _) = broadcast::channel(BROADCAST_CAPACITY);
+        let orders = spawn_orders(Api::namespaced(client.clone(), namespace), changes.clone());
+        let restaurants = spawn_plain::<Restaurant>(Api::namespaced(client.clone(), namespace));
+        let couriers = spawn_plain::<Courier>(Api::namespaced(client.clone(), namespace));
+        let caches = Self {
+            namespace: namespace.to_string(),
+            orders,
+            restaurants,
+            couriers,
+            changes,
+        };
+        let ready = caches.clone();
+        tokio::spawn(async move {
+            health.set_ready(false, "syncing caches");
+            let synced = ready.orders.wait_until_ready().await.is_ok()
+                && ready.restaurants.wait_until_ready().await.is_ok()
+                && ready.couriers.wait_until_ready().await.is_ok();
+            if synced {
+                tracing::info!("caches synced");
+                health.set_ready(true, "caches synced");
+            }
+        });
+        caches
+    }
+
+    pub fn order(&self, name: &str) -> Option<Arc<Order>> {
+        self.orders
+            .get(&ObjectRef::new(name).within(&self.namespace))
+    }
+    pub fn restaurant(&self, name: &str) -> Option<Arc<Restaurant>> {
+        self.restaurants
+            .get(&ObjectRef::new(name).within(&self.namespace))
+    }
+    pub fn courier(&self, name: &str) -> Option<Arc<Courier>> {
+        self.couriers
+            .get(&ObjectRef::new(name).within(&self.namespace))
+    }
+
+    /// Waits (briefly) until the cache holds `name` at least as new as
+    /// `resource_version`, so a client that just wrote reads its own write.
+    pub async fn wait_for_order(&self, name: &str, resource_version: Option<&str>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(o) = self.order(name)
+                && !rv_older(o.metadata.resource_version.as_deref(), resource_version)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Whether `have` is older than `want`. Resource versions are opaque to
+/// clients, but etcd's are integers; when they don't parse, assume not older.
+pub fn rv_older(have: Option<&str>, want: Option<&str>) -> bool {
+    match (
+        have.and_then(|h| h.parse::<u64>().ok()),
+        want.and_then(|w| w.parse::<u64>().ok()),
+    ) {
+        (Some(h), Some(w)) => h < w,
+        (None, Some(_)) => true,
+        _ => false,
+    }
+}
+
+fn spawn_orders(api: Api<Order>, changes: broadcast::Sender<OrderChange>) -> Store<Order> {
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                    // No subscribers is fine: nobody is watching right now.
+                    let _ = changes.send(OrderChange::Applied(Arc::new(o)));
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let _ = changes.send(OrderChange::Deleted(Arc::new(o)));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "orders watch failed; retrying"),
+            }
+        }
+    });
+    reader
+}
+
+fn spawn_plain<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer);
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                tracing::warn!(error = %e, kind = %K::kind(&()), "watch failed; retrying");
+            }
+        }
+    });
+    reader
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rv_older;
+
+    #[test]
+    fn resource_version_order() {
+        assert!(rv_older(Some("9"), Some("10")));
+        assert!(!rv_older(Some("10"), Some("10")));
+        assert!(!rv_older(Some("11"), Some("10")));
+        assert!(rv_older(None, Some("10")));
+        assert!(!rv_older(Some("x"), Some("y")));
+        assert!(!rv_older(Some("1"), None));
+    }
+}

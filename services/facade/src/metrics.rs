@@ -1,0 +1,58 @@
+//! Prometheus metrics of the façade.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    /// Status class (`2xx`, `4xx`, …): bounded, unlike paths with ids.
+    pub code: String,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub orders_created: Counter,
+    pub idempotent_replays: Counter,
+    pub rate_limited: Counter,
+    pub sse_clients: Gauge,
+    pub api_unavailable: Counter,
+}
+
+impl Metrics {
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = Self::default();
+        let r = registry.sub_registry_with_prefix("dishpatch_facade");
+        r.register(
+            "http_requests",
+            "HTTP requests served, by method and status class",
+            m.requests.clone(),
+        );
+        r.register("orders_created", "Orders created", m.orders_created.clone());
+        r.register(
+            "idempotent_replays",
+            "Order placements answered with an existing order (same Idempotency-Key)",
+            m.idempotent_replays.clone(),
+        );
+        r.register(
+            "rate_limited",
+            "Requests refused with 429",
+            m.rate_limited.clone(),
+        );
+        r.register(
+            "sse_clients",
+            "Open live-tracking streams",
+            m.sse_clients.clone(),
+        );
+        r.register(
+            "api_unavailable",
+            "Requests answered 503 because the Kubernetes API failed or timed out",
+            m.api_unavailable.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,291 @@
+//! Runs the real façade binary against the real local apiserver, in a
+//! namespace of its own, and talks to it over plain HTTP on loopback.
+#![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use dishpatch_testkit::TestNamespace;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{HeaderMap, Method, Request, StatusCode};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::process::{Child, Command};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dishpatch-facade");
+
+pub struct Facade {
+    pub ns: TestNamespace,
+    pub base: String,
+    pub key_file: PathBuf,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    _child: Child,
+}
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub json: serde_json::Value,
+}
+
+impl Reply {
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Facade {
+    /// A namespace with a restaurant `trattoria` (pizza, water) and the
+    /// façade serving it.
+    pub async fn start(prefix: &str, extra_args: &[&str]) -> Facade {
+        let client = dishpatch_testkit::client()
+            .await
+            .expect("control plane (make up)");
+        dishpatch_testkit::ensure_crds(&client).await.unwrap();
+        let ns = TestNamespace::create(&client, prefix).await.unwrap();
+        let restaurant = dishpatch_testkit::fixtures::restaurant("trattoria", true, None);
+        ns.api::<dishpatch_api::Restaurant>()
+            .create(&Default::default(), &restaurant)
+            .await
+            .unwrap();
+
+        let key_file = std::env::temp_dir().join(format!("{}.jwt-key", ns.name));
+        std::fs::write(&key_file, "test-signing-key-0123456789abcdef\n").unwrap();
+        let port = free_port();
+        let child = Command::new(BIN)
+            .arg("run")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--namespace", &ns.name])
+            .arg("--jwt-key-file")
+            .arg(&key_file)
+            .args(extra_args)
+            .env("KUBECONFIG", dishpatch_testkit::kubeconfig_path())
+            .env_remove("DISHPATCH_NAMESPACE")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let facade = Facade {
+            ns,
+            base: format!("http://127.0.0.1:{port}"),
+            key_file,
+            http: HttpClient::builder(TokioExecutor::new()).build_http(),
+            _child: child,
+        };
+        let (ready, _) = dishpatch_testkit::eventually(
+            Duration::from_secs(30),
+            || async {
+                facade
+                    .call(Method::GET, "/readyz", None, &[], None)
+                    .await
+                    .map(|r| r.status)
+                    .ok()
+            },
+            |s| *s == Some(StatusCode::OK),
+        )
+        .await;
+        assert!(ready, "façade did not become ready");
+        // The restaurant reaches the cache through the watch.
+        let (seen, _) = dishpatch_testkit::eventually(
+            Duration::from_secs(10),
+            || async {
+                facade
+                    .call(
+                        Method::GET,
+                        "/api/v1/restaurants/trattoria",
+                        None,
+                        &[],
+                        None,
+                    )
+                    .await
+                    .map(|r| r.status)
+                    .ok()
+            },
+            |s| *s == Some(StatusCode::OK),
+        )
+        .await;
+        assert!(seen, "restaurant not in the façade's cache");
+        facade
+    }
+
+    /// A token minted by the binary's own `token` subcommand.
+    pub async fn token(&self, role: &str, sub: &str) -> String {
+        let out = Command::new(BIN)
+            .args(["token", "--role", role, "--sub", sub, "--ttl", "10m"])
+            .arg("--key-file")
+            .arg(&self.key_file)
+            .args(["--email", &format!("{sub}@example.com")])
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<Reply, String> {
+        let response = self.send(method, path, token, headers, body).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = tokio::time::timeout(Duration::from_secs(20), response.into_body().collect())
+            .await
+            .map_err(|_| "body timed out".to_string())?
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let json = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&bytes).into())
+            })
+        };
+        Ok(Reply {
+            status,
+            headers,
+            json,
+        })
+    }
+
+    pub async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Full::new(Bytes::from(serde_json::to_vec(&b).unwrap()))
+            }
+            None => Full::new(Bytes::new()),
+        };
+        let req = req.body(body).map_err(|e| e.to_string())?;
+        tokio::time::timeout(Duration::from_secs(20), self.http.request(req))
+            .await
+            .map_err(|_| "request timed out".to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Reply {
+        self.call(Method::GET, path, Some(token), &[], None)
+            .await
+            .unwrap()
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: serde_json::Value) -> Reply {
+        self.call(Method::POST, path, Some(token), &[], Some(body))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Facade {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.key_file);
+    }
+}
+
+/// A valid order body for `trattoria`.
+pub fn order_body(items: &[(&str, i32)]) -> serde_json::Value {
+    serde_json::json!({
+        "restaurant": "trattoria",
+        "items": items.iter().map(|(m, q)| serde_json::json!({"menuItem": m, "quantity": q})).collect::<Vec<_>>(),
+        "deliveryAddress": {"street": "Torstraße 1", "city": "Berlin", "postalCode": "10119", "country": "DE"},
+        "payment": {"token": "tok_visa"}
+    })
+}
+
+/// Reads server-sent events from a streaming response body.
+pub struct SseReader {
+    body: hyper::body::Incoming,
+    buf: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    pub event: String,
+    pub id: String,
+    pub data: String,
+}
+
+impl SseReader {
+    pub fn new(response: hyper::Response<hyper::body::Incoming>) -> Self {
+        Self {
+            body: response.into_body(),
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (comments and keep-alives skipped), or None on timeout/end.
+    pub async fn next(&mut self, timeout: Duration) -> Option<SseEvent> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            while let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut ev = SseEvent {
+                    event: "message".into(),
+                    id: String::new(),
+                    data: String::new(),
+                };
+                let mut any = false;
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        ev.event = v.trim().into();
+                        any = true;
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        ev.id = v.trim().into();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        ev.data.push_str(v.trim_start());
+                        any = true;
+                    }
+                }
+                if any {
+                    return Some(ev);
+                }
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame())
+                .await
+                .ok()??
+                .ok()?;
+            if let Ok(data) = frame.into_data() {
+                self.buf.push_str(&String::from_utf8_lossy(&data));
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Command-line and environment configuration of `dishpatch-notification run`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use hyper::Uri;
+use lettre::message::Mailbox;
+
+/// Environment variable holding the webhook secret itself, for when a file
+/// is awkward (`--webhook-secret-file` wins when both are set). Not a flag,
+/// so the secret never shows in a process list.
+pub const WEBHOOK_SECRET_ENV: &str = "DISHPATCH_WEBHOOK_SECRET";
+
+/// `10s`, `500ms`, `2m`, or ISO 8601 (`PT10S`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d: jiff::SignedDuration = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("invalid duration {s:?}: {e}"))?;
+    Duration::try_from(d).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunConfig {
+    /// AMQP URL of RabbitMQ.
+    #[arg(
+        long,
+        env = "DISHPATCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "DISHPATCH_ADMIN_ADDR", default_value = "127.0.0.1:9094")]
+    pub admin_addr: SocketAddr,
+
+    /// Messages handled in parallel (the consumer's prefetch).
+    #[arg(long, env = "DISHPATCH_PREFETCH", default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// SMTP server (plain SMTP, no authentication: a local relay).
+    #[arg(long, env = "DISHPATCH_SMTP_HOST", default_value = "127.0.0.1")]
+    pub smtp_host: String,
+
+    /// SMTP port.
+    #[arg(long, env = "DISHPATCH_SMTP_PORT", default_value_t = 2525)]
+    pub smtp_port: u16,
+
+    /// How long one SMTP command may take.
+    #[arg(long, env = "DISHPATCH_SMTP_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub smtp_timeout: Duration,
+
+    /// Sender of the e-mails, as `Name <address>` or `address`.
+    #[arg(
+        long,
+        env = "DISHPATCH_MAIL_FROM",
+        default_value = "dishpatch <orders@dishpatch.dev>"
+    )]
+    pub mail_from: Mailbox,
+
+    /// Where to POST every event for integrators (http:// or https://). No webhooks without it.
+    #[arg(long, env = "DISHPATCH_WEBHOOK_URL")]
+    pub webhook_url: Option<Uri>,
+
+    /// File holding the secret that signs webhooks (surrounding whitespace is ignored).
+    /// Or set DISHPATCH_WEBHOOK_SECRET.
+    #[arg(long, env = "DISHPATCH_WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// How long a webhook receiver may take to answer.
+    #[arg(long, env = "DISHPATCH_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub webhook_timeout: Duration,
+}
+
+/// Why the webhook secret could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("reading the webhook secret from {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "--webhook-url needs a secret to sign with: --webhook-secret-file or {WEBHOOK_SECRET_ENV}"
+    )]
+    Missing,
+}
+
+impl RunConfig {
+    /// The webhook secret: the file's contents, else the environment variable.
+    pub fn webhook_secret(&self) -> Result<Vec<u8>, SecretError> {
+        let secret = match &self.webhook_secret_file {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+                path: path.clone(),
+                source,
+            })?,
+            None => std::env::var(WEBHOOK_SECRET_ENV).unwrap_or_default(),
+        };
+        // A trailing newline from `echo > file` is not part of the secret.
+        let secret = secret.trim();
+        if secret.is_empty() {
+            return Err(SecretError::Missing);
+        }
+        Ok(secret.as_bytes().to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunConfig,
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn defaults_and_secret_file() {
+        let dir =
+            std::env::temp_dir().join(format!("dishpatch-notification-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("secret");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let cli = Cli::try_parse_from([
+            "x",
+            "--webhook-url",
+            "http://127.0.0.1:8080/hook",
+            "--webhook-secret-file",
+            file.to_str().unwrap(),
+        ])
+        .unwrap();
+        assert_eq!(cli.run.prefetch, 50);
+        assert_eq!(cli.run.admin_addr.to_string(), "127.0.0.1:9094");
+        assert_eq!(
+            (cli.run.smtp_host.as_str(), cli.run.smtp_port),
+            ("127.0.0.1", 2525)
+        );
+        assert_eq!(cli.run.mail_from.email.to_string(), "orders@dishpatch.dev");
+        assert_eq!(cli.run.webhook_secret().unwrap(), b"s3cret");
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        assert!(Cli::try_parse_from(["x", "--mail-from", "not an address"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--prefetch", "0"]).is_err());
+    }
+}

@@ -1,0 +1,380 @@
+//! The notification service against a real apiserver, a real RabbitMQ, a
+//! real SMTP server (aiosmtpd) and a real HTTP webhook receiver.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::{Bed, Hook, SECRET};
+use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
+use dishpatch_testkit::{eventually, fixtures};
+use kube::ResourceExt;
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+
+fn accepted() -> Value {
+    json!({"phase": "Accepted", "total": {"amount": 2500, "currency": "EUR", "display": "25.00 EUR"}})
+}
+
+/// Waits until `f` holds of the bed; panics with `what` otherwise.
+async fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    mut get: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: std::fmt::Debug,
+{
+    let (ok, last) = eventually(timeout, || std::future::ready(get()), done).await;
+    assert!(
+        ok,
+        "{what} did not happen within {timeout:?}; last seen: {last:#?}"
+    );
+    last
+}
+
+#[tokio::test]
+async fn emails_the_customer_and_posts_signed_webhooks() {
+    let mut bed = Bed::new("notify").await;
+    let order = bed
+        .create_order(
+            fixtures::order("o1", "roma", &[("pizza", 2), ("water", 3)]),
+            Some("jane@example.com"),
+            accepted(),
+        )
+        .await;
+    let uid = order.uid().unwrap();
+    let version_before = order.resource_version();
+    bed.start_service().await;
+
+    let accepted_event = bed
+        .publish(bed.order_ref(&order), EventType::OrderAccepted, None)
+        .await;
+    let cancelled_event = bed
+        .publish(
+            bed.order_ref(&order),
+            EventType::OrderCancelled,
+            Some("changed my mind"),
+        )
+        .await;
+
+    // The e-mails, as the customer's mail client sees them.
+    let mails = wait_for(
+        T,
+        "two e-mails to jane@example.com",
+        || bed.smtp.to("jane@example.com"),
+        |m| m.len() == 2,
+    )
+    .await;
+    let by_subject = |needle: &str| {
+        mails
+            .iter()
+            .find(|m| m["subject"].as_str().unwrap().contains(needle))
+            .unwrap_or_else(|| panic!("no e-mail with {needle:?} in its subject: {mails:#?}"))
+    };
+    let welcome = by_subject("We have your order o1");
+    assert_eq!(welcome["to"], "jane@example.com");
+    assert_eq!(welcome["from"], "dishpatch <orders@dishpatch.dev>");
+    assert_eq!(welcome["content_type"], "text/plain");
+    assert_eq!(
+        welcome["message_id"],
+        format!("<{uid}.order.accepted@dishpatch.dev>")
+    );
+    let body = welcome["body"].as_str().unwrap();
+    for words in [
+        "Hello Jane Doe,",
+        "The total comes to 25.00 EUR.",
+        "Status: accepted",
+    ] {
+        assert!(body.contains(words), "{words:?} not in {body}");
+    }
+    assert!(!body.contains('{'), "an unfilled placeholder in {body}");
+    let cancelled = by_subject("Your order o1 has been cancelled");
+    assert_eq!(
+        cancelled["message_id"],
+        format!("<{uid}.order.cancelled@dishpatch.dev>")
+    );
+    assert!(
+        cancelled["body"]
+            .as_str()
+            .unwrap()
+            .contains("Why: changed my mind")
+    );
+
+    // The webhooks: the CloudEvent as published, signed with the secret.
+    let hooks = wait_for(T, "two webhooks", || bed.receiver.hooks(), |h| h.len() == 2).await;
+    let now = jiff::Timestamp::now().as_second();
+    for hook in &hooks {
+        assert!(hook.verifies(SECRET), "signature does not verify: {hook:?}");
+        assert!(!hook.verifies("another secret"));
+        let ts: i64 = hook.timestamp.as_deref().unwrap().parse().unwrap();
+        assert!((now - ts).abs() < 300, "timestamp {ts} is not now ({now})");
+        assert_eq!(
+            hook.content_type.as_deref(),
+            Some("application/cloudevents+json")
+        );
+        // On the order's trace: the trace id is the order's uid.
+        let traceparent = hook.traceparent.as_deref().unwrap_or_default();
+        assert!(
+            traceparent.contains(&uid.replace('-', "")),
+            "traceparent {traceparent:?} is not on order {uid}'s trace"
+        );
+    }
+    let events: Vec<CloudEvent> = hooks.iter().map(Hook::event).collect();
+    assert!(events.contains(&accepted_event), "{events:#?}");
+    assert!(events.contains(&cancelled_event), "{events:#?}");
+    // A tampered body no longer verifies.
+    let mut tampered = hooks[0].clone();
+    tampered.body = tampered.body.slice(1..);
+    assert!(!tampered.verifies(SECRET));
+
+    // Health and metrics.
+    let (ok, ready) = eventually(
+        T,
+        || bed.admin_get("/readyz"),
+        |r| matches!(r, Some((200, _))),
+    )
+    .await;
+    assert!(ok, "/readyz: {ready:?}");
+    let (ok, metrics) = eventually(
+        T,
+        || bed.admin_get("/metrics"),
+        |m| {
+            m.as_ref().is_some_and(|(_, body)| {
+                body.contains(r#"dishpatch_notification_notifications_total{channel="email",outcome="sent"} 2"#)
+                    && body.contains(r#"dishpatch_notification_notifications_total{channel="webhook",outcome="sent"} 2"#)
+                    && body.contains(r#"dishpatch_notification_messages_total{event="order.accepted",outcome="ok"} 1"#)
+            })
+        },
+    )
+    .await;
+    assert!(ok, "/metrics: {metrics:?}");
+
+    // Notification wrote nothing to the Order.
+    let after = bed.orders().get("o1").await.unwrap();
+    assert_eq!(after.resource_version(), version_before);
+    assert!(
+        after
+            .managed_fields()
+            .iter()
+            .all(|m| m.manager.as_deref() != Some("dishpatch-notification")),
+        "{:#?}",
+        after.managed_fields()
+    );
+}
+
+#[tokio::test]
+async fn no_email_without_an_address_or_an_order_but_the_webhook_still_goes() {
+    let mut bed = Bed::new("notify-skip").await;
+    let phone_only = bed
+        .create_order(
+            fixtures::order("phone-only", "roma", &[("pizza", 1)]),
+            None,
+            accepted(),
+        )
+        .await;
+    bed.start_service().await;
+
+    bed.publish(bed.order_ref(&phone_only), EventType::KitchenReady, None)
+        .await;
+    // An order that is gone (retention deleted it, say).
+    let ghost = OrderRef {
+        namespace: bed.ns.name.clone(),
+        name: "ghost".into(),
+        uid: "00000000-0000-4000-8000-000000000000".into(),
+    };
+    bed.publish(ghost, EventType::DeliveryDelivered, None).await;
+    // A name reused by a new order: the event is about the old one.
+    let reused = bed
+        .create_order(
+            fixtures::order("reused", "roma", &[("pizza", 1)]),
+            Some("someone@example.com"),
+            accepted(),
+        )
+        .await;
+    let mut stale = bed.order_ref(&reused);
+    stale.uid = "11111111-1111-4111-8111-111111111111".into();
+    bed.publish(stale, EventType::OrderAccepted, None).await;
+
+    // Once the service has counted three skipped e-mails, any e-mail it
+    // had sent would be in the mailbox.
+    let (ok, metrics) = eventually(
+        T,
+        || bed.admin_get("/metrics"),
+        |m| {
+            m.as_ref().is_some_and(|(_, body)| {
+                body.contains(r#"dishpatch_notification_notifications_total{channel="email",outcome="skipped"} 3"#)
+            })
+        },
+    )
+    .await;
+    assert!(ok, "/metrics: {metrics:?}");
+    assert_eq!(bed.smtp.messages(), Vec::<Value>::new());
+
+    let hooks = wait_for(
+        T,
+        "three webhooks",
+        || bed.receiver.hooks(),
+        |h| h.len() == 3,
+    )
+    .await;
+    let names: BTreeSet<String> = hooks.iter().map(Hook::order_name).collect();
+    assert_eq!(
+        names,
+        BTreeSet::from(["ghost".into(), "phone-only".into(), "reused".into()])
+    );
+    assert!(hooks.iter().all(|h| h.verifies(SECRET)));
+    // Skipping is success: nothing was dead-lettered.
+    assert!(bed.drain_dead_letters().await.is_empty());
+}
+
+#[tokio::test]
+async fn failures_are_retried_then_dead_lettered_without_holding_up_the_rest() {
+    let mut bed = Bed::new("notify-fail").await;
+    let fail = bed
+        .create_order(
+            fixtures::order("fail-1", "roma", &[("pizza", 1)]),
+            Some("fail@example.com"),
+            accepted(),
+        )
+        .await;
+    let reject = bed
+        .create_order(
+            fixtures::order("reject-1", "roma", &[("pizza", 1)]),
+            Some("reject@example.com"),
+            accepted(),
+        )
+        .await;
+    let bounce = bed
+        .create_order(
+            fixtures::order("bounce-1", "roma", &[("pizza", 1)]),
+            Some("bounce@example.com"),
+            accepted(),
+        )
+        .await;
+    let flaky = bed
+        .create_order(
+            fixtures::order("flaky-1", "roma", &[("pizza", 1)]),
+            Some("flaky@example.com"),
+            accepted(),
+        )
+        .await;
+    let good = bed
+        .create_order(
+            fixtures::order("good-1", "roma", &[("pizza", 1)]),
+            Some("good@example.com"),
+            accepted(),
+        )
+        .await;
+    bed.start_service().await;
+
+    // Poison first: it must not stop anything behind it.
+    bed.publish_raw("order.accepted", b"this is not a CloudEvent")
+        .await;
+    let fail_event = bed
+        .publish(bed.order_ref(&fail), EventType::OrderAccepted, None)
+        .await;
+    let reject_event = bed
+        .publish(bed.order_ref(&reject), EventType::OrderAccepted, None)
+        .await;
+    let bounce_event = bed
+        .publish(bed.order_ref(&bounce), EventType::OrderAccepted, None)
+        .await;
+    bed.publish(bed.order_ref(&flaky), EventType::OrderAccepted, None)
+        .await;
+    bed.publish(bed.order_ref(&good), EventType::OrderAccepted, None)
+        .await;
+
+    // The good order is served while fail-1 is still being retried.
+    wait_for(
+        T,
+        "good-1's e-mail and webhook",
+        || {
+            (
+                bed.smtp.to("good@example.com").len(),
+                bed.receiver.for_order("good-1").len(),
+            )
+        },
+        |&(mails, hooks)| mails == 1 && hooks == 1,
+    )
+    .await;
+
+    // Everything that can't be delivered ends in the dead-letter queue,
+    // after retries where retrying may help.
+    let mut dead = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while dead.len() < 4 && tokio::time::Instant::now() < deadline {
+        dead.extend(bed.drain_dead_letters().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let dead_ids: BTreeSet<String> = dead
+        .iter()
+        .filter_map(|d| CloudEvent::from_json(d).ok().map(|e| e.id))
+        .collect();
+    assert_eq!(
+        dead_ids,
+        BTreeSet::from([fail_event.id, reject_event.id, bounce_event.id])
+    );
+    assert!(
+        dead.iter().any(|d| d == b"this is not a CloudEvent"),
+        "the poison message is not in the dead-letter queue"
+    );
+
+    let hooks = bed.receiver.hooks();
+    let attempts = |name: &str| hooks.iter().filter(|h| h.order_name() == name).count();
+    // 5xx is retried, in process and then by redelivery, until the delivery limit.
+    assert!(
+        attempts("fail-1") > 5,
+        "fail-1 webhook attempts: {}",
+        attempts("fail-1")
+    );
+    let good_at = hooks
+        .iter()
+        .position(|h| h.order_name() == "good-1")
+        .unwrap();
+    let last_fail_at = hooks
+        .iter()
+        .rposition(|h| h.order_name() == "fail-1")
+        .unwrap();
+    assert!(good_at < last_fail_at, "good-1 waited for fail-1's retries");
+    // 4xx is final: one attempt, then the dead-letter queue.
+    assert_eq!(attempts("reject-1"), 1);
+    // The e-mails that went out were sent once, though their events were retried.
+    assert_eq!(bed.smtp.to("fail@example.com").len(), 1);
+    assert_eq!(bed.smtp.to("reject@example.com").len(), 1);
+    // A 550 dead-letters without e-mail; its webhook went out once.
+    assert!(bed.smtp.to("bounce@example.com").is_empty());
+    assert_eq!(attempts("bounce-1"), 1);
+    // A 451 is retried: the e-mail arrives once, and the webhook, which
+    // succeeded the first time, is not repeated.
+    assert_eq!(bed.smtp.to("flaky@example.com").len(), 1);
+    assert_eq!(attempts("flaky-1"), 1);
+    assert!(
+        hooks
+            .iter()
+            .filter(|h| h.status == 200)
+            .all(|h| h.verifies(SECRET))
+    );
+
+    // And the service still serves.
+    let later = bed
+        .create_order(
+            fixtures::order("later", "roma", &[("pizza", 1)]),
+            Some("later@example.com"),
+            accepted(),
+        )
+        .await;
+    bed.publish(bed.order_ref(&later), EventType::DeliveryDelivered, None)
+        .await;
+    let mails = wait_for(
+        T,
+        "the e-mail to later@example.com",
+        || bed.smtp.to("later@example.com"),
+        |m| m.len() == 1,
+    )
+    .await;
+    assert_eq!(mails[0]["subject"], "Your order later has been delivered");
+}
