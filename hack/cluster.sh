@@ -242,9 +242,20 @@ platform() {
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9092 --time-scale "$scale"
   start dishpatch-delivery env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-delivery" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9093 --time-scale "$scale" --auto-accept
+  # A real SMTP server that keeps every e-mail in .dev/mail (a Maildir).
+  local venv="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}/venv"
+  if [ -x "$venv/bin/python" ]; then
+    mkdir -p "$DEV/mail"
+    start smtp-sink "$venv/bin/python" -m aiosmtpd -n -l 127.0.0.1:2525 -c aiosmtpd.handlers.Mailbox "$DEV/mail"
+  fi
+  start dishpatch-notification env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-notification" run \
+    --amqp-url "$amqp" --admin-addr 127.0.0.1:9094 --smtp-host 127.0.0.1 --smtp-port 2525
+  [ -f "$DEV/facade-jwt.key" ] || (umask 077 && openssl rand -hex 32 >"$DEV/facade-jwt.key")
+  start dishpatch-facade env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-facade" run \
+    --listen 127.0.0.1:8080 --namespace "$ns" --jwt-key-file "$DEV/facade-jwt.key" --dev-login
 }
 
-PLATFORM=(dishpatch-delivery dishpatch-kitchen dishpatch-payment dishpatch-operator)
+PLATFORM=(dishpatch-facade dishpatch-notification smtp-sink dishpatch-delivery dishpatch-kitchen dishpatch-payment dishpatch-operator)
 
 platform_down() {
   local name
