@@ -41,9 +41,11 @@ test: ## Run every test (unit, property and integration) against the real local 
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
-bench: ## Measure the operator (API writes per accepted order, orders accepted per second)
+bench: ## Benchmarks: operator writes/order and accept rate; end-to-end throughput and latency
 	@hack/cluster.sh up
+	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p dishpatch-operator --bench acceptance
+	$(CARGO) bench -p dishpatch-e2e --bench throughput
 
 test-unit: ## Run only the tests that need no control plane
 	$(CARGO) test --workspace --lib --bins

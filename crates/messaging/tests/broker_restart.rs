@@ -2,6 +2,8 @@
 //! recovers by itself. Runs its own RabbitMQ node (own port and state), so
 //! restarting it disturbs no other test.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use dishpatch_api::events::{CloudEvent, EventType, OrderRef};

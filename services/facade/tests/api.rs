@@ -90,6 +90,8 @@ async fn idempotent_retries_create_one_order() {
     assert_ne!(b.json["id"], id.as_str());
 
     // Without a key each request is a new order, listed newest first.
+    // Creation timestamps have one-second resolution: let one tick by.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let c = f
         .post("/api/v1/orders", &token, order_body(&[("water", 1)]))
         .await;
