@@ -33,6 +33,10 @@ use crate::timing::Timing;
 /// Set on a Courier (by the façade) to accept the offered order named in it;
 /// removed once acted on or refused.
 pub const ACCEPT_ANNOTATION: &str = "dishpatch.dev/accept";
+/// A courier's "I have it" (set through the façade), value = the order's name.
+pub const PICKED_UP_ANNOTATION: &str = "dishpatch.dev/picked-up";
+/// A courier's "handed over" (set through the façade), value = the order's name.
+pub const DELIVERED_ANNOTATION: &str = "dishpatch.dev/delivered";
 
 /// How often orders are scanned for deliveries nobody drives and couriers
 /// for assignments nobody holds.
@@ -591,12 +595,18 @@ impl Dispatcher {
                     self.release(&order, &d).await?;
                     return Ok(Step::Stop);
                 }
-                if now < at {
-                    return Ok(Step::Until(at));
+                if self.settings.auto_accept {
+                    if now < at {
+                        return Ok(Step::Until(at));
+                    }
+                } else if !self.courier_says(&order, &d, PICKED_UP_ANNOTATION).await? {
+                    // A real courier confirms the pick-up through the façade.
+                    return Ok(Step::Until(after(now, self.settings.timing.tick)));
                 }
                 self.access
                     .write(&order, section(&picked_up(&d, now))?)
                     .await?;
+                self.clear_said(&order, &d, PICKED_UP_ANNOTATION).await?;
                 held(&self.precise).insert(r.uid.clone(), (DeliveryState::PickedUp, now));
                 tracing::info!(order = %subject, courier = ?d.courier, "picked up");
                 self.announce(
@@ -608,12 +618,17 @@ impl Dispatcher {
                 Ok(Step::Again)
             }
             Next::Deliver { at } => {
-                if now < at {
-                    return Ok(Step::Until(at));
+                if self.settings.auto_accept {
+                    if now < at {
+                        return Ok(Step::Until(at));
+                    }
+                } else if !self.courier_says(&order, &d, DELIVERED_ANNOTATION).await? {
+                    return Ok(Step::Until(after(now, self.settings.timing.tick)));
                 }
                 self.access
                     .write(&order, section(&delivered(&d, now))?)
                     .await?;
+                self.clear_said(&order, &d, DELIVERED_ANNOTATION).await?;
                 tracing::info!(order = %subject, courier = ?d.courier, "delivered");
                 self.announce(
                     r,
@@ -631,6 +646,41 @@ impl Dispatcher {
                 Ok(Step::Stop)
             }
         }
+    }
+
+    /// Whether the order's courier asked (through the façade) for `request`
+    /// on this order.
+    async fn courier_says(
+        &self,
+        order: &Order,
+        d: &DeliveryStatus,
+        request: &str,
+    ) -> Result<bool, HandleError> {
+        let Some(name) = &d.courier else {
+            return Ok(false);
+        };
+        let r = order_ref(order);
+        let courier = self.couriers.api(&r.namespace).get_opt(name).await?;
+        Ok(courier.is_some_and(|c| c.annotations().get(request) == Some(&r.name)))
+    }
+
+    /// The request is done: take it off the Courier.
+    async fn clear_said(
+        &self,
+        order: &Order,
+        d: &DeliveryStatus,
+        request: &str,
+    ) -> Result<(), HandleError> {
+        if self.settings.auto_accept {
+            return Ok(());
+        }
+        if let Some(name) = &d.courier {
+            let r = order_ref(order);
+            self.couriers
+                .clear_request(&r.namespace, name, request, &r.name)
+                .await?;
+        }
+        Ok(())
     }
 
     /// An offer is out: wait for the answer until it expires, then move on.

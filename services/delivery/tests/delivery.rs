@@ -503,13 +503,25 @@ async fn an_unanswered_offer_moves_on_and_an_accepted_one_is_assigned() {
         delivery(&assigned).unwrap().courier.as_deref(),
         Some(accepted_by.as_str())
     );
-    bed.wait_order(
-        "o1",
-        Duration::from_secs(10),
-        "delivered",
-        is(DeliveryState::Delivered),
-    )
-    .await;
+    // Without auto-accept nothing is simulated: the courier confirms pick-up
+    // and drop-off through the façade, as annotations on the Courier.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(state(&bed.order("o1").await), Some(DeliveryState::Assigned));
+    for (request, next) in [
+        ("dishpatch.dev/picked-up", DeliveryState::PickedUp),
+        ("dishpatch.dev/delivered", DeliveryState::Delivered),
+    ] {
+        bed.couriers()
+            .patch(
+                &accepted_by,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"metadata": {"annotations": {request: "o1"}}})),
+            )
+            .await
+            .unwrap();
+        bed.wait_order("o1", Duration::from_secs(10), request, is(next))
+            .await;
+    }
     for n in ["ada", "grace"] {
         bed.wait_courier(n, Duration::from_secs(5), "free", |s| {
             s.current_order.is_none() && s.offer.is_none()
@@ -518,11 +530,17 @@ async fn an_unanswered_offer_moves_on_and_an_accepted_one_is_assigned() {
     }
     // The request was acted on, so it is gone.
     let c = bed.couriers().get(&accepted_by).await.unwrap();
-    assert!(
-        !c.annotations().contains_key("dishpatch.dev/accept"),
-        "{:?}",
-        c.annotations()
-    );
+    for request in [
+        "dishpatch.dev/accept",
+        "dishpatch.dev/picked-up",
+        "dishpatch.dev/delivered",
+    ] {
+        assert!(
+            !c.annotations().contains_key(request),
+            "{:?}",
+            c.annotations()
+        );
+    }
 }
 
 #[tokio::test]
