@@ -232,7 +232,7 @@ platform() {
   [ -x "$BIN_DIR/dishpatch-operator" ] || die "build first: cargo build --workspace --bins"
   export KUBECONFIG="$KUBECONFIG_PATH"
   local amqp="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
-  local ns="${DISHPATCH_NAMESPACE:-default}" scale="${DISHPATCH_TIME_SCALE:-0.05}"
+  local ns="${DISHPATCH_NAMESPACE:-default}" scale="${DISHPATCH_TIME_SCALE:-0.01}"
   local logfmt="${LOG_FORMAT:-json}"
   start dishpatch-operator env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-operator" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090

@@ -33,6 +33,11 @@ struct PaymentIntent {
 }
 
 #[derive(Deserialize)]
+struct PaymentMethod {
+    id: String,
+}
+
+#[derive(Deserialize)]
 struct Refund {
     id: String,
 }
@@ -149,21 +154,37 @@ impl PaymentGateway for Stripe {
         Box::pin(async move {
             let amount = req.amount.to_string();
             let currency = req.currency.to_ascii_lowercase();
-            let mut fields = vec![
+            // A legacy card token (`tok_…`) becomes a PaymentMethod first;
+            // `pm_…` already is one.
+            let payment_method = if req.token.starts_with("tok_") {
+                let body = form(&[("type", "card"), ("card[token]", req.token.as_str())]);
+                let key = format!("{}:payment-method", req.idempotency_key);
+                match self
+                    .post::<PaymentMethod>("/v1/payment_methods", &key, body)
+                    .await?
+                {
+                    (_, Ok(pm)) => pm.id,
+                    (status, Err(e)) if status == StatusCode::PAYMENT_REQUIRED => {
+                        return Ok(ChargeOutcome::Declined {
+                            reason: e
+                                .message
+                                .unwrap_or_else(|| "Your card was declined.".into()),
+                        });
+                    }
+                    (status, Err(e)) => return Err(classify(status, e)),
+                }
+            } else {
+                req.token.clone()
+            };
+            let fields = [
                 ("amount", amount.as_str()),
                 ("currency", currency.as_str()),
                 ("confirm", "true"),
                 ("payment_method_types[]", "card"),
+                ("payment_method", payment_method.as_str()),
                 ("description", req.description.as_str()),
                 ("metadata[order_uid]", req.order_uid.as_str()),
             ];
-            // `tok_…` card tokens go through payment_method_data; `pm_…` are payment methods.
-            if req.token.starts_with("tok_") {
-                fields.push(("payment_method_data[type]", "card"));
-                fields.push(("payment_method_data[card][token]", req.token.as_str()));
-            } else {
-                fields.push(("payment_method", req.token.as_str()));
-            }
             let (status, answer) = self
                 .post::<PaymentIntent>("/v1/payment_intents", &req.idempotency_key, form(&fields))
                 .await?;
@@ -211,6 +232,139 @@ impl PaymentGateway for Stripe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stripe's own mock server, built by `hack/tools.sh` (hack/deps.sh).
+    struct StripeMock {
+        child: std::process::Child,
+        url: String,
+    }
+
+    impl Drop for StripeMock {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    async fn stripe_mock() -> StripeMock {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let out = std::process::Command::new(root.join("hack/tools.sh"))
+            .args(["path", "stripe-mock"])
+            .output()
+            .unwrap();
+        let bin = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert!(
+            std::path::Path::new(&bin).exists(),
+            "{bin} is missing: run hack/deps.sh"
+        );
+        let (http, https) = (free_port(), free_port());
+        let child = std::process::Command::new(&bin)
+            .args([
+                "-http-addr",
+                &format!("127.0.0.1:{http}"),
+                "-https-addr",
+                &format!("127.0.0.1:{https}"),
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", http))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        StripeMock {
+            child,
+            url: format!("http://127.0.0.1:{http}"),
+        }
+    }
+
+    fn charge(key: &str, token: &str, currency: &str) -> ChargeRequest {
+        ChargeRequest {
+            idempotency_key: key.into(),
+            order_uid: "0b9e4c1e-7f39-4b56-9d55-1f0c1e2d3a4b".into(),
+            amount: 2500,
+            currency: currency.into(),
+            token: token.into(),
+            description: "dishpatch order test/o1".into(),
+        }
+    }
+
+    /// The adapter's requests are valid for Stripe's API (stripe-mock checks
+    /// them against Stripe's OpenAPI spec and answers with its fixtures).
+    #[tokio::test]
+    async fn speaks_the_stripe_api_as_stripe_mock_checks_it() {
+        let mock = stripe_mock().await;
+        let stripe = Stripe::new(&mock.url, "sk_test_123".into()).unwrap();
+        for token in ["pm_card_visa", "tok_visa"] {
+            match stripe.charge(&charge("k1", token, "EUR")).await.unwrap() {
+                // stripe-mock answers every confirm with the same fixture
+                // (`requires_payment_method`); a real account answers `succeeded`.
+                ChargeOutcome::Succeeded { payment_id } => assert!(payment_id.starts_with("pi_")),
+                ChargeOutcome::Declined { reason } => assert!(reason.contains("pi_"), "{reason}"),
+            }
+        }
+        let refund = stripe
+            .refund(&RefundRequest {
+                idempotency_key: "k1:refund".into(),
+                order_uid: "u".into(),
+                payment_id: "pi_123".into(),
+                amount: 2500,
+                currency: "EUR".into(),
+            })
+            .await
+            .unwrap();
+        assert!(refund.starts_with("re_"), "{refund}");
+        // Nobody listening: retryable.
+        let gone = Stripe::new(
+            &format!("http://127.0.0.1:{}", free_port()),
+            "sk_test_123".into(),
+        )
+        .unwrap();
+        assert!(matches!(
+            gone.charge(&charge("k3", "pm_card_visa", "EUR")).await,
+            Err(GatewayError::Retryable(_))
+        ));
+    }
+
+    #[test]
+    fn errors_are_retried_only_when_retrying_can_help() {
+        let e = |t: &str| StripeError {
+            message: Some("m".into()),
+            type_: Some(t.into()),
+        };
+        assert!(
+            matches!(classify(StatusCode::BAD_REQUEST, e("invalid_request_error")), GatewayError::Permanent(m) if m.contains("invalid_request_error"))
+        );
+        assert!(matches!(
+            classify(StatusCode::UNAUTHORIZED, e("authentication_error")),
+            GatewayError::Permanent(_)
+        ));
+        for s in [
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::TOO_MANY_REQUESTS,
+            StatusCode::CONFLICT,
+            StatusCode::SERVICE_UNAVAILABLE,
+        ] {
+            assert!(
+                matches!(classify(s, e("api_error")), GatewayError::Retryable(_)),
+                "{s}"
+            );
+        }
+    }
 
     #[test]
     fn form_encoding() {
