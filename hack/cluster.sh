@@ -245,7 +245,7 @@ platform() {
   # A real SMTP server that keeps every e-mail in .dev/mail (a Maildir).
   local venv="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}/venv"
   if [ -x "$venv/bin/python" ]; then
-    mkdir -p "$DEV/mail"
+    mkdir -p "$DEV/mail/tmp" "$DEV/mail/new" "$DEV/mail/cur"
     start smtp-sink "$venv/bin/python" -m aiosmtpd -n -l 127.0.0.1:2525 -c aiosmtpd.handlers.Mailbox "$DEV/mail"
   fi
   start dishpatch-notification env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-notification" run \
