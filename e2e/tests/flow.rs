@@ -292,3 +292,46 @@ async fn a_poison_message_is_dead_lettered_and_the_worker_keeps_serving() {
         "the poison message is in dishpatch.payment.dead-letter"
     );
 }
+
+#[tokio::test]
+async fn deleting_a_delivered_order_refunds_nothing() {
+    let p = Platform::new("e2e-retention").await;
+    p.create_restaurant(fixtures::restaurant("roma", true, None))
+        .await;
+    p.create_couriers(1).await;
+    let mut tap = dishpatch_messaging::EventTap::new(&p.broker, &[EventType::OrderCancelled])
+        .await
+        .unwrap();
+    let _procs = p.start_all();
+    let uid = p
+        .create_order(fixtures::order("o1", "roma", &[("pizza", 1)]))
+        .await
+        .uid()
+        .unwrap();
+    p.wait_order("o1", T, "delivery", |o| {
+        phase(o) == Some(OrderPhase::Delivered)
+    })
+    .await;
+
+    // What retention does, done now: the finalizer must not "compensate" a delivered order.
+    p.orders().delete("o1", &Default::default()).await.unwrap();
+    let api = p.orders();
+    let (gone, _) =
+        dishpatch_testkit::eventually(T, || api.get_opt("o1"), |o| matches!(o, Ok(None))).await;
+    assert!(gone);
+    let cancelled = tap
+        .next_matching(Duration::from_secs(3), |d| {
+            d.event.as_ref().is_ok_and(|e| e.data.order.uid == uid)
+        })
+        .await;
+    assert!(
+        cancelled.is_none(),
+        "no order.cancelled for a delivered order: {cancelled:?}"
+    );
+    let ledger = p.ledger(&uid);
+    assert_eq!(
+        (kinds(&ledger, "charge"), kinds(&ledger, "refund")),
+        (1, 0),
+        "{ledger:#?}"
+    );
+}

@@ -644,7 +644,10 @@ async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
     let phase = status.phase.unwrap_or_else(|| phase_of(&facts));
     let namespace = order.namespace().unwrap_or_default();
 
-    let undo = !phase.is_terminal() || deadline::compensation_outstanding(&status);
+    // A delivered order's charge and courier are as they should be; only an
+    // unfinished or cancelled one has anything to undo.
+    let undo = !phase.is_terminal()
+        || (phase == OrderPhase::Cancelled && deadline::compensation_outstanding(&status));
     if undo && ctx.memory.first_time(&uid, EventType::OrderCancelled) {
         // Tell the workers to undo what they did (refund, free the courier).
         let why = Some(format!("{}: order deleted", reason::DELETED));

@@ -168,6 +168,25 @@ impl Payment {
         let Some(mut payment) = order.status.as_ref().and_then(|s| s.payment.clone()) else {
             return Ok(()); // never charged
         };
+        // Refund only what was really called off: a cancelled order, or one
+        // deleted before it was delivered. A stray or late order.cancelled
+        // must not refund a delivered order.
+        let delivered = order
+            .status
+            .as_ref()
+            .and_then(|s| s.delivery.as_ref())
+            .is_some_and(|d| d.state == dishpatch_api::order::DeliveryState::Delivered);
+        let called_off = is_true(&order, condition::CANCELLED)
+            || (order.metadata.deletion_timestamp.is_some() && !delivered);
+        if !called_off {
+            if order.spec.cancellation.is_some() && !delivered {
+                // The operator has not decided yet; ask again shortly.
+                return Err(HandleError::Retryable(
+                    "the cancellation is not decided yet".into(),
+                ));
+            }
+            return Ok(());
+        }
         match payment.state {
             PaymentState::Failed => return Ok(()),
             PaymentState::Refunded => {
