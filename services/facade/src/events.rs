@@ -17,7 +17,7 @@ use crate::cache::{OrderChange, rv_older};
 use crate::metrics::Metrics;
 use crate::orders::cached_order;
 use crate::problem::{Problem, ProblemDetails};
-use crate::views::OrderView;
+use crate::views::{OrderEvent, OrderEventKind, OrderView};
 
 /// Counts open streams; dropped with the stream when the client leaves.
 struct ClientGuard(Arc<Metrics>);
@@ -44,7 +44,7 @@ struct Tracker {
 fn order_event(view: &OrderView) -> Event {
     let data = serde_json::to_string(view).unwrap_or_else(|_| "{}".to_string());
     Event::default()
-        .event("order")
+        .event(OrderEventKind::Order.name())
         .id(view.resource_version.clone())
         .data(data)
 }
@@ -92,7 +92,7 @@ impl Tracker {
                     self.done = true;
                     return Some(
                         Event::default()
-                            .event("deleted")
+                            .event(OrderEventKind::Deleted.name())
                             .data(format!("{{\"id\":\"{}\"}}", self.id)),
                     );
                 }
@@ -121,8 +121,8 @@ impl Tracker {
 #[utoipa::path(get, path = "/api/v1/orders/{id}/events", tag = "orders",
     params(("id" = String, Path),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
-    responses((status = 200, content_type = "text/event-stream", body = String,
-        description = "`event: order`, `id: <resourceVersion>`, `data: <order JSON>`"),
+    responses((status = 200, content_type = "text/event-stream", body = OrderEvent,
+        description = "Each event: `event: order`, `id: <resourceVersion>`, `data: <order JSON>` (or `event: deleted`)"),
         (status = 404, body = ProblemDetails, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn stream(

@@ -48,7 +48,7 @@ impl Modify for Bearer {
         ProblemDetails, FieldError, Role, MoneyView, MenuItemView, RestaurantView, OrderLine,
         AddressBody, PaymentBody, ContactBody, PlaceOrder, CancelBody, FeedbackBody,
         ShiftBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView,
-        OrderPage, CourierView, OfferView, CourierOrderView
+        OrderPage, OrderEvent, OrderEventKind, CourierView, OfferView, CourierOrderView
     )),
     modifiers(&Bearer),
     tags(

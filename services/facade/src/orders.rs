@@ -352,8 +352,22 @@ pub async fn list(
     }))
 }
 
+/// Whether `id` can be the name of an Order (a DNS-1123 subdomain). Ids
+/// from the URL reach the apiserver's URL only when they are: anything else
+/// (`..`, `/`, spaces, …) could not be sent, or would address another path.
+pub fn is_object_name(id: &str) -> bool {
+    let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    let bytes = id.as_bytes();
+    matches!((bytes.first(), bytes.last()), (Some(&f), Some(&l)) if alnum(f) && alnum(l))
+        && bytes.len() <= 253
+        && bytes.iter().all(|&c| alnum(c) || c == b'-' || c == b'.')
+}
+
 /// The caller's order, read from the apiserver: writes decide on fresh data.
 async fn fresh_order(state: &AppState, caller: &Caller, id: &str) -> Result<Order, Problem> {
+    if !is_object_name(id) {
+        return Err(Problem::not_found(format!("no order {id}")));
+    }
     let api: Api<Order> = Api::namespaced(state.client.clone(), &state.caches.namespace);
     match with_timeout(state.api_timeout, api.get_opt(id)).await? {
         Some(o) if visible(caller, &o) => Ok(o),
@@ -524,6 +538,26 @@ mod tests {
         assert_eq!(decode_cursor(&encode_cursor(&k)), Some(k));
         assert_eq!(decode_cursor("zz"), None);
         assert_eq!(decode_cursor("abc"), None);
+    }
+
+    #[test]
+    fn only_object_names_reach_the_apiserver() {
+        assert!(is_object_name("o-abc12"));
+        assert!(is_object_name(&order_name("cust-1", "k1")));
+        for bad in [
+            "",
+            "..",
+            "../secrets",
+            "a/b",
+            "a b",
+            "O-ABC",
+            "-a",
+            "a-",
+            "a?b",
+        ] {
+            assert!(!is_object_name(bad), "{bad:?}");
+        }
+        assert!(!is_object_name(&"a".repeat(254)));
     }
 
     #[test]

@@ -359,6 +359,40 @@ impl From<&Order> for OrderView {
     }
 }
 
+/// What a live-tracking event is about.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OrderEventKind {
+    /// The order changed; `data` is the order.
+    Order,
+    /// The order was deleted; `data` is `{"id": …}` and the stream ends.
+    Deleted,
+}
+
+impl OrderEventKind {
+    /// The SSE `event:` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            OrderEventKind::Order => "order",
+            OrderEventKind::Deleted => "deleted",
+        }
+    }
+}
+
+/// One server-sent event of `GET /api/v1/orders/{id}/events` (the stream
+/// is a sequence of these). Documentation only: axum writes the events.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct OrderEvent {
+    pub event: OrderEventKind,
+    /// The order's resourceVersion (on `order` events): send it back as
+    /// `Last-Event-ID` to resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// JSON: an `OrderView` for `order`, `{"id": …}` for `deleted`.
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
+}
+
 /// A page of the caller's orders, newest first.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OrderPage {
