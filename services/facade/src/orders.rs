@@ -10,6 +10,7 @@ use dishpatch_api::order::{
     Address, CancellationRequest, Contact, Customer, OrderItem, PaymentMethod, RestaurantRef,
 };
 use dishpatch_api::{Order, OrderPhase, OrderSpec};
+use dishpatch_messaging::trace;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
@@ -151,6 +152,13 @@ fn same_request(existing: &OrderSpec, wanted: &OrderSpec) -> bool {
     &existing == wanted
 }
 
+/// A random, valid W3C trace id (128 bits, not all zero).
+fn new_trace_id() -> String {
+    use rand::RngExt;
+    let id: u128 = rand::rng().random_range(1..=u128::MAX);
+    format!("{id:032x}")
+}
+
 fn created(view: OrderView) -> Response {
     let location = format!("/api/v1/orders/{}", view.id);
     let mut response = (StatusCode::CREATED, Json(view)).into_response();
@@ -189,10 +197,22 @@ pub async fn place(
         Some(k) => (Some(order_name(&caller.0.sub, k)), None),
         None => (None, Some("o-".to_string())),
     };
+    // The order joins the caller's trace (W3C `traceparent`) or starts one;
+    // every component puts its spans on it through this annotation.
+    let trace_id = headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace::parse)
+        .map(|(t, _)| t)
+        .unwrap_or_else(new_trace_id);
     let order = Order {
         metadata: ObjectMeta {
             name: name.clone(),
             generate_name,
+            annotations: Some(BTreeMap::from([(
+                trace::TRACEPARENT_ANNOTATION.to_string(),
+                trace::child_traceparent(&trace_id),
+            )])),
             ..Default::default()
         },
         spec: spec.clone(),

@@ -73,6 +73,49 @@ async fn idempotent_retries_create_one_order() {
             .await
             .unwrap();
     assert_eq!(orders.items.len(), 1);
+    // The order carries a trace context for every component to join.
+    let tp = orders.items[0]
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get("dishpatch.dev/traceparent"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(tp.split('-').count(), 4, "{tp:?}");
+
+    // A caller's trace context is continued, not replaced.
+    let caller_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traced = f
+        .call(
+            Method::POST,
+            "/api/v1/orders",
+            Some(&token),
+            &[(
+                "traceparent",
+                &format!("00-{caller_trace}-00f067aa0ba902b7-01"),
+            )],
+            Some(order_body(&[("water", 1)])),
+        )
+        .await
+        .unwrap();
+    assert_eq!(traced.status, StatusCode::CREATED, "{}", traced.json);
+    let traced_id = traced.json["id"].as_str().unwrap().to_string();
+    let o = f.ns.api::<Order>().get(&traced_id).await.unwrap();
+    let tp = o
+        .metadata
+        .annotations
+        .unwrap_or_default()
+        .remove("dishpatch.dev/traceparent")
+        .unwrap_or_default();
+    assert!(tp.starts_with(&format!("00-{caller_trace}-")), "{tp}");
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "a new span, not the caller's: {tp}"
+    );
+    f.ns.api::<Order>()
+        .delete(&traced_id, &Default::default())
+        .await
+        .unwrap();
 
     // The same key from another customer is another order.
     let token_b = f.token("customer", "cust-other").await;
