@@ -1,6 +1,8 @@
 //! Process plumbing every dishpatch binary shares: structured logs, the
 //! `/healthz`, `/readyz` and `/metrics` endpoints, and shutdown on SIGTERM.
 
+pub mod time;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

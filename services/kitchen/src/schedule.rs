@@ -26,14 +26,7 @@ pub fn prep_time(dish_seconds: impl IntoIterator<Item = i32>, scale: f64) -> Dur
     )
 }
 
-/// A duration multiplied by the time scale (0 means instant).
-pub fn scaled(d: Duration, scale: f64) -> Duration {
-    // NaN and negative scales mean "instant" too.
-    if scale.is_nan() || scale <= 0.0 {
-        return Duration::ZERO;
-    }
-    Duration::try_from_secs_f64(d.as_secs_f64() * scale).unwrap_or(Duration::MAX)
-}
+use dishpatch_runtime::time::scale as scaled;
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
     SignedDuration::try_from(d)
