@@ -132,19 +132,7 @@ impl Platform {
         what: &str,
         done: impl Fn(&Order) -> bool,
     ) -> Order {
-        let api = self.orders();
-        let (ok, last) = eventually(
-            timeout,
-            || api.get_opt(name),
-            |o| matches!(o, Ok(Some(o)) if done(o)),
-        )
-        .await;
-        match (ok, last) {
-            (true, Ok(Some(o))) => o,
-            (_, last) => panic!(
-                "order {name}: {what} did not happen within {timeout:?}; last seen: {last:#?}"
-            ),
-        }
+        dishpatch_testkit::wait_for(&self.orders(), name, timeout, what, done, |o| o).await
     }
 
     /// Waits until every order is in a terminal phase; returns them.

@@ -8,9 +8,7 @@ use std::time::Duration;
 use dishpatch_api::events::EventType;
 use dishpatch_api::{Order, Restaurant};
 use dishpatch_messaging::{Broker, EventTap};
-use dishpatch_testkit::{
-    TestNamespace, amqp_vhost, client, ensure_crds, eventually, kubeconfig_path,
-};
+use dishpatch_testkit::{TestNamespace, amqp_vhost, client, ensure_crds, kubeconfig_path};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use tokio::process::{Child, Command};
@@ -98,19 +96,7 @@ impl Bed {
         what: &str,
         done: impl Fn(&Order) -> bool,
     ) -> Order {
-        let api = self.orders();
-        let (ok, last) = eventually(
-            timeout,
-            || api.get_opt(name),
-            |o| matches!(o, Ok(Some(o)) if done(o)),
-        )
-        .await;
-        match (ok, last) {
-            (true, Ok(Some(o))) => o,
-            (_, last) => panic!(
-                "order {name}: {what} did not happen within {timeout:?}; last seen: {last:#?}"
-            ),
-        }
+        dishpatch_testkit::wait_for(&self.orders(), name, timeout, what, done, |o| o).await
     }
 
     pub async fn restaurant(&self, name: &str) -> Restaurant {

@@ -290,3 +290,34 @@ pub fn binary(name: &str) -> PathBuf {
         .unwrap_or_default();
     dir.join(name)
 }
+
+/// Waits until the object `name` exists and satisfies `done`; panics with
+/// what was last seen otherwise (`show` picks the part worth printing).
+pub async fn wait_for<K, S: std::fmt::Debug>(
+    api: &Api<K>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&K) -> bool,
+    show: impl FnOnce(K) -> S,
+) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let (ok, last) = eventually(
+        timeout,
+        || api.get_opt(name),
+        |o| matches!(o, Ok(Some(o)) if done(o)),
+    )
+    .await;
+    match (ok, last) {
+        (true, Ok(Some(o))) => o,
+        (_, Ok(Some(o))) => panic!(
+            "{name}: {what} did not happen within {timeout:?}; last seen: {:#?}",
+            show(o)
+        ),
+        (_, last) => {
+            panic!("{name}: {what} did not happen within {timeout:?}; last seen: {last:?}")
+        }
+    }
+}

@@ -270,20 +270,7 @@ impl Bed {
         what: &str,
         done: impl Fn(&Order) -> bool,
     ) -> Order {
-        let api = self.orders();
-        let (ok, last) = eventually(
-            timeout,
-            || api.get_opt(name),
-            |o| matches!(o, Ok(Some(o)) if done(o)),
-        )
-        .await;
-        match (ok, last) {
-            (true, Ok(Some(o))) => o,
-            (_, last) => panic!(
-                "order {name}: {what} did not happen within {timeout:?}; last seen: {:#?}",
-                last.map(|o| o.and_then(|o| o.status))
-            ),
-        }
+        dishpatch_testkit::wait_for(&self.orders(), name, timeout, what, done, |o| o.status).await
     }
 
     pub async fn wait_courier(
