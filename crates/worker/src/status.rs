@@ -45,20 +45,54 @@ impl OrderAccess {
         order: &Order,
         section: serde_json::Value,
     ) -> Result<Order, HandleError> {
+        Ok(self.apply(order, section, None).await?)
+    }
+
+    /// Like [`write`](Self::write), but only if the Order is still the object
+    /// `order` was read as: the apply carries its resourceVersion as a
+    /// precondition. `Ok(None)` means someone wrote in between (409) or the
+    /// order is gone (404): read it again and decide again. For writes whose
+    /// decision depends on what another writer may change at the same time
+    /// (pick-up versus cancellation, a charge versus a deletion).
+    pub async fn write_if_unchanged(
+        &self,
+        order: &Order,
+        section: serde_json::Value,
+    ) -> Result<Option<Order>, HandleError> {
+        match self
+            .apply(order, section, order.resource_version().as_deref())
+            .await
+        {
+            Ok(written) => Ok(Some(written)),
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn apply(
+        &self,
+        order: &Order,
+        section: serde_json::Value,
+        resource_version: Option<&str>,
+    ) -> Result<Order, kube::Error> {
         let api: Api<Order> =
             Api::namespaced(self.client.clone(), &order.namespace().unwrap_or_default());
-        let patch = json!({
+        let mut patch = json!({
             "apiVersion": "dishpatch.dev/v1alpha1",
             "kind": "Order",
             "status": { self.stage.section: section },
         });
-        Ok(api
-            .patch_status(
-                &order.name_any(),
-                &PatchParams::apply(self.stage.manager).force(),
-                &Patch::Apply(&patch),
-            )
-            .await?)
+        if let Some(rv) = resource_version {
+            // An apply that names a resourceVersion is refused with 409 unless
+            // the object is still at it: optimistic concurrency for SSA.
+            patch["metadata"] = json!({ "resourceVersion": rv });
+        }
+        api.patch_status(
+            &order.name_any(),
+            &PatchParams::apply(self.stage.manager).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
     }
 
     /// Publishes an outcome event about the order and waits for the confirm.
