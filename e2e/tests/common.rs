@@ -45,6 +45,11 @@ impl Platform {
 
     /// Starts one component (`operator`, `payment`, `kitchen`, `delivery`).
     pub fn start(&self, component: &str, extra: &[&str]) -> Child {
+        self.start_env(component, extra, &[])
+    }
+
+    /// Like [`start`](Self::start), with extra environment variables.
+    pub fn start_env(&self, component: &str, extra: &[&str], env: &[(&str, &str)]) -> Child {
         let path = binary(&format!("dishpatch-{component}"));
         assert!(
             path.exists(),
@@ -57,6 +62,7 @@ impl Platform {
             .args(["--admin-addr", "127.0.0.1:0"])
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);

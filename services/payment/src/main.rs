@@ -54,6 +54,9 @@ struct Args {
         default_value = ".dev/payment-ledger.jsonl"
     )]
     ledger: PathBuf,
+    /// How long each simulated gateway call takes (a provider's round trip).
+    #[arg(long, env = "DISHPATCH_SIMULATED_LATENCY", default_value = "0s", value_parser = dishpatch_runtime::time::parse_duration)]
+    simulated_latency: std::time::Duration,
     /// Base URL of the Stripe API.
     #[arg(
         long,
@@ -76,7 +79,9 @@ const STAGE: Stage = Stage {
 async fn main() -> anyhow::Result<()> {
     let Command::Run(args) = Cli::parse().command;
     let gateway: Arc<dyn gateway::PaymentGateway> = match args.gateway {
-        GatewayKind::Simulated => Arc::new(simulated::Simulated::new(args.ledger.clone())),
+        GatewayKind::Simulated => Arc::new(
+            simulated::Simulated::new(args.ledger.clone()).with_latency(args.simulated_latency),
+        ),
         GatewayKind::Stripe => {
             let key = match &args.stripe_key_file {
                 Some(path) => std::fs::read_to_string(path)

@@ -15,6 +15,7 @@ use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -59,6 +60,9 @@ pub(crate) fn read_ledger(path: &Path) -> std::io::Result<Vec<LedgerEntry>> {
 
 pub struct Simulated {
     path: PathBuf,
+    /// How long each call takes, like a network round trip to a real
+    /// provider: widens the window in which a charge is in flight.
+    latency: Duration,
     /// Retryable failures handed out so far, per key.
     transient: Mutex<HashMap<String, u32>>,
 }
@@ -69,8 +73,14 @@ impl Simulated {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
+            latency: Duration::ZERO,
             transient: Mutex::default(),
         }
+    }
+
+    pub fn with_latency(mut self, latency: Duration) -> Self {
+        self.latency = latency;
+        self
     }
 
     /// Looks the key up and, if new, records what `decide` says, all under
@@ -138,6 +148,7 @@ impl PaymentGateway for Simulated {
 
     fn charge<'a>(&'a self, req: &'a ChargeRequest) -> GatewayFuture<'a, ChargeOutcome> {
         Box::pin(async move {
+            tokio::time::sleep(self.latency).await;
             let entry = self.record(&req.idempotency_key, || {
                 let token = req.token.as_str();
                 if token.contains("ProcessingError") && self.transient_failure(&req.idempotency_key)
@@ -186,6 +197,7 @@ impl PaymentGateway for Simulated {
 
     fn refund<'a>(&'a self, req: &'a RefundRequest) -> GatewayFuture<'a, String> {
         Box::pin(async move {
+            tokio::time::sleep(self.latency).await;
             let entry = self.record(&req.idempotency_key, || {
                 Ok(LedgerEntry {
                     key: req.idempotency_key.clone(),
