@@ -222,7 +222,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         recorder,
         broker,
         metrics: metrics.clone(),
-        stock: StockKeeper::new(client.clone(), metrics.clone()),
+        stock: StockKeeper::new(client.clone(), metrics.clone(), restaurants.clone()),
         memory: Memory::default(),
         orders: orders.clone(),
         watches: watch_health,

@@ -6,13 +6,20 @@
 //! makes it fail with 409, and the decision is made again on fresh data. So
 //! stock is never promised twice, and under load there is one write per
 //! reservation instead of a storm of conflicts.
+//!
+//! A decision that writes nothing (an unlimited item, a closed restaurant)
+//! meets no conflict, so the copy is also checked against the Restaurants
+//! watch: when the watch has seen a newer generation (a price change,
+//! closing, a restock), the copy is fetched again before deciding.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use dishpatch_api::{Restaurant, RestaurantStatus};
-use kube::Client;
 use kube::api::{Api, PostParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, ResourceExt};
 use tokio::sync::Mutex;
 
 use crate::error::{Error, Result};
@@ -34,15 +41,37 @@ fn summarize(r: &Restaurant, status: &mut RestaurantStatus) {
 pub struct StockKeeper {
     client: Client,
     metrics: Arc<Metrics>,
+    /// The Restaurants watch cache: tells when a kept copy is out of date.
+    watched: Store<DeserializeGuard<Restaurant>>,
     slots: std::sync::Mutex<HashMap<(String, String), Slot>>,
 }
 
 impl StockKeeper {
-    pub fn new(client: Client, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        client: Client,
+        metrics: Arc<Metrics>,
+        watched: Store<DeserializeGuard<Restaurant>>,
+    ) -> Self {
         Self {
             client,
             metrics,
+            watched,
             slots: Default::default(),
+        }
+    }
+
+    /// Whether the watch has seen a newer Restaurant than `kept`: another
+    /// generation of its spec, or another object under the same name.
+    fn outdated(&self, kept: &Restaurant, namespace: &str, name: &str) -> bool {
+        let key = ObjectRef::new(name).within(namespace);
+        match self.watched.get(&key).as_deref() {
+            Some(DeserializeGuard(Ok(seen))) => {
+                seen.uid() != kept.uid() || seen.metadata.generation > kept.metadata.generation
+            }
+            // It no longer parses: let the fetch report why.
+            Some(DeserializeGuard(Err(_))) => true,
+            // Not listed yet, or just deleted: the kept copy is all we know.
+            None => false,
         }
     }
 
@@ -81,8 +110,8 @@ impl StockKeeper {
         let mut cached = slot.lock().await;
         for _ in 0..ATTEMPTS {
             let restaurant = match cached.take() {
-                Some(r) => r,
-                None => match api.get_opt(name).await? {
+                Some(r) if !self.outdated(&r, namespace, name) => r,
+                _ => match api.get_opt(name).await? {
                     Some(r) => r,
                     None => return Ok(None),
                 },
