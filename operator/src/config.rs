@@ -63,9 +63,16 @@ pub struct RunConfig {
     #[arg(long, env = "DISHPATCH_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
 
-    /// How long deleting an order waits for a refund before giving up.
-    #[arg(long, env = "DISHPATCH_CLEANUP_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
-    pub cleanup_timeout: Duration,
+    /// Re-publishes of order.cancelled for an order whose compensation (a
+    /// refund, a charge to settle) is still outstanding, one per stage
+    /// deadline, before the operator stops and sets CompensationFailed. A
+    /// deleted order keeps its finalizer while money is outstanding.
+    #[arg(
+        long,
+        env = "DISHPATCH_MAX_COMPENSATION_ATTEMPTS",
+        default_value_t = 10
+    )]
+    pub max_compensation_attempts: u32,
 }
 
 impl RunConfig {

@@ -41,6 +41,9 @@ pub struct Memory {
     /// had passed at the last publish. Absent: this replica has not seen the
     /// order wait yet.
     nudged: Mutex<HashMap<String, (EventType, u32)>>,
+    /// Per deleted order uid: how many deadlines had passed at the last
+    /// order.cancelled this replica published for it.
+    compensating: Mutex<HashMap<String, u32>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -105,20 +108,20 @@ impl Memory {
         publish
     }
 
-    /// True the first time it is asked for this order and event.
-    pub fn first_time(&self, uid: &str, event: EventType) -> bool {
-        let mut nudged = lock(&self.nudged);
-        if nudged.get(uid) == Some(&(event, u32::MAX)) {
-            return false;
-        }
-        nudged.insert(uid.to_string(), (event, u32::MAX));
-        true
+    /// Whether to publish order.cancelled for a deleted order with `passed`
+    /// deadlines behind its deletion: at first sight, then once per deadline.
+    pub fn should_compensate(&self, uid: &str, passed: u32) -> bool {
+        let mut compensating = lock(&self.compensating);
+        let publish = compensating.get(uid).is_none_or(|n| passed > *n);
+        compensating.insert(uid.to_string(), passed);
+        publish
     }
 
     pub fn forget(&self, uid: &str) {
         lock(&self.failures).remove(uid);
         lock(&self.outbox).remove(uid);
         lock(&self.nudged).remove(uid);
+        lock(&self.compensating).remove(uid);
     }
 }
 
@@ -143,8 +146,10 @@ mod tests {
         assert!(m.should_nudge("u", EventType::PaymentSucceeded, 1));
         m.published("v", EventType::OrderAccepted);
         assert!(!m.should_nudge("v", EventType::OrderAccepted, 0));
-        assert!(m.first_time("w", EventType::OrderCancelled));
-        assert!(!m.first_time("w", EventType::OrderCancelled));
+        assert!(m.should_compensate("w", 0), "first sight");
+        assert!(!m.should_compensate("w", 0));
+        assert!(m.should_compensate("w", 1), "a deadline passed");
+        assert!(!m.should_compensate("w", 1));
     }
 
     #[test]

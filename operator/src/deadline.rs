@@ -25,12 +25,27 @@ fn ts(t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>) -> Optio
     t.as_ref().map(|t| t.0)
 }
 
+/// What a called-off (cancelled or deleted) order still owes its customer,
+/// if anything: a charge that is not refunded, or one whose outcome is not
+/// recorded yet. A delivered order owes nothing.
+pub fn money_outstanding(status: &OrderStatus) -> Option<&'static str> {
+    let delivered = status
+        .delivery
+        .as_ref()
+        .is_some_and(|d| d.state == DeliveryState::Delivered);
+    match status.payment.as_ref().map(|p| p.state) {
+        Some(PaymentState::Pending) => Some("the charge's outcome is not recorded yet"),
+        Some(PaymentState::Succeeded) if !delivered => Some("the charge is not refunded yet"),
+        _ => None,
+    }
+}
+
 /// Whether a cancelled order still waits for a worker to undo something.
 pub fn compensation_outstanding(status: &OrderStatus) -> bool {
     let charged = status
         .payment
         .as_ref()
-        .is_some_and(|p| p.state == PaymentState::Succeeded);
+        .is_some_and(|p| matches!(p.state, PaymentState::Succeeded | PaymentState::Pending));
     let cooking = status
         .kitchen
         .as_ref()
@@ -173,5 +188,44 @@ mod tests {
         );
         assert_eq!(awaiting(OrderPhase::Delivered, &st), None);
         assert_eq!(awaiting(OrderPhase::OutForDelivery, &st), None);
+    }
+
+    #[test]
+    fn money_is_outstanding_until_refunded_failed_or_delivered() {
+        let mut st = OrderStatus::default();
+        assert_eq!(money_outstanding(&st), None, "never charged");
+        let mut pay = |state| {
+            st.payment = Some(dishpatch_api::order::PaymentStatus {
+                state,
+                provider: "simulated".into(),
+                payment_id: None,
+                amount: None,
+                charged_at: None,
+                failure_reason: None,
+                refund_id: None,
+                refunded_at: None,
+            });
+            money_outstanding(&st).is_some()
+        };
+        assert!(pay(PaymentState::Pending), "a charge may be in flight");
+        assert!(pay(PaymentState::Succeeded), "charged, not refunded");
+        assert!(!pay(PaymentState::Failed));
+        assert!(!pay(PaymentState::Refunded));
+        pay(PaymentState::Succeeded);
+        st.delivery = Some(dishpatch_api::order::DeliveryStatus {
+            state: DeliveryState::Delivered,
+            courier: None,
+            assigned_at: None,
+            picked_up_at: None,
+            delivered_at: None,
+            eta: None,
+        });
+        assert_eq!(
+            money_outstanding(&st),
+            None,
+            "a delivered order keeps its charge"
+        );
+        st.payment.as_mut().unwrap().state = PaymentState::Pending;
+        assert!(money_outstanding(&st).is_some());
     }
 }

@@ -14,9 +14,10 @@ pub enum Error {
     Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Conflict(String),
-    /// Not a failure: deletion waits for a worker to compensate.
+    /// Not a failure: deletion waits for a worker to compensate; look again
+    /// after the given time.
     #[error("waiting: {0}")]
-    Waiting(String),
+    Waiting(String, std::time::Duration),
 }
 
 impl Error {
@@ -28,7 +29,7 @@ impl Error {
             Error::Json(_) => "json",
             Error::Finalizer(_) => "finalizer",
             Error::Conflict(_) => "conflict",
-            Error::Waiting(_) => "waiting",
+            Error::Waiting(..) => "waiting",
         }
     }
 }

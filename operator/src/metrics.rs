@@ -42,6 +42,7 @@ pub struct Metrics {
     pub republished: Family<KindLabel, Counter>,
     pub writes: Family<WriteLabels, Counter>,
     pub is_leader: Gauge,
+    pub compensation_failed: Counter,
 }
 
 impl Metrics {
@@ -57,6 +58,7 @@ impl Metrics {
             republished: Family::default(),
             writes: Family::default(),
             is_leader: Gauge::default(),
+            compensation_failed: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("dishpatch_operator");
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -89,6 +91,11 @@ impl Metrics {
             "api_writes",
             "Writes the operator sent to the apiserver",
             m.writes.clone(),
+        );
+        r.register(
+            "compensation_failures",
+            "Orders whose compensation (refund, settling a charge) kept failing until the operator gave up",
+            m.compensation_failed.clone(),
         );
         r.register(
             "leader",

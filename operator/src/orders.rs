@@ -10,7 +10,8 @@ use std::time::Duration;
 use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
 use dishpatch_api::inventory;
 use dishpatch_api::lifecycle::{
-    Advance, Facts, Status, advance, cancellable, condition, find, phase_of, reason, set_condition,
+    Advance, Facts, Status, advance, annotation, cancellable, condition, find, phase_of, reason,
+    set_condition,
 };
 use dishpatch_api::order::{KitchenState, OrderPhase, OrderStatus, PaymentState};
 use dishpatch_api::{Money, Order};
@@ -94,9 +95,9 @@ pub fn error_policy(
             error: error.kind().into(),
         })
         .inc();
-    if let Error::Waiting(why) = error {
+    if let Error::Waiting(why, retry) = error {
         tracing::debug!(%uid, %why, "waiting");
-        return Action::requeue(Duration::from_secs(2));
+        return Action::requeue(*retry);
     }
     let delay = ctx.memory.backoff(&uid);
     tracing::warn!(%uid, error = %error, retry_in = ?delay, "reconcile failed");
@@ -149,6 +150,30 @@ impl Owned {
 
 /// Server-side applies the operator's fields of the status, and nothing else.
 async fn write_status(ctx: &Context, order: &Order, owned: &Owned) -> Result<()> {
+    apply_status(ctx, order, owned, None).await
+}
+
+/// Like [`write_status`], but only if the Order is still the object the
+/// decision was made from (its resourceVersion is the apply's precondition).
+/// For decisions another writer can overtake: a cancellation races the
+/// courier's pick-up, and exactly one of them may win. On a conflict the
+/// order is reconciled again from what is there now.
+async fn write_status_if_unchanged(ctx: &Context, order: &Order, owned: &Owned) -> Result<()> {
+    match apply_status(ctx, order, owned, order.resource_version()).await {
+        Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => Err(Error::Conflict(format!(
+            "order {} changed while deciding; deciding again",
+            order.name_any()
+        ))),
+        other => other,
+    }
+}
+
+async fn apply_status(
+    ctx: &Context,
+    order: &Order,
+    owned: &Owned,
+    resource_version: Option<String>,
+) -> Result<()> {
     let api: Api<Order> =
         Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
     let mut status = serde_json::Map::new();
@@ -167,11 +192,14 @@ async fn write_status(ctx: &Context, order: &Order, owned: &Owned) -> Result<()>
     if let Some(total) = &owned.total {
         status.insert("total".into(), serde_json::to_value(total)?);
     }
-    let patch = json!({
+    let mut patch = json!({
         "apiVersion": "dishpatch.dev/v1alpha1",
         "kind": "Order",
         "status": status,
     });
+    if let Some(rv) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": rv });
+    }
     ctx.metrics.write("orders/status");
     api.patch_status(
         &order.name_any(),
@@ -526,11 +554,42 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
         notes.push((kind, phase.as_str(), note));
     }
 
+    // The order as it will be: is its compensation overdue for good?
+    let mut after = status.clone();
+    after.conditions = owned.conditions.clone();
+    after.phase = Some(phase);
+    let compensation = compensation_check(order, &after, ctx, now);
+    if let Some((failed, why, message)) = &compensation {
+        owned.set(
+            condition::COMPENSATION_FAILED,
+            *failed,
+            why,
+            message,
+            generation,
+            &t,
+        );
+        if *failed {
+            notes.push((
+                K8sEventType::Warning,
+                condition::COMPENSATION_FAILED,
+                message.clone(),
+            ));
+        }
+    }
+    after.conditions = owned.conditions.clone();
+
     for kind in &to_publish {
         ctx.memory.queue(&uid, *kind);
     }
     if owned != Owned::of(status) {
-        write_status(ctx, order, &owned).await?;
+        if to_publish.contains(&EventType::OrderCancelled) {
+            write_status_if_unchanged(ctx, order, &owned).await?;
+        } else {
+            write_status(ctx, order, &owned).await?;
+        }
+    }
+    if matches!(compensation, Some((true, ..))) {
+        ctx.metrics.compensation_failed.inc();
     }
     for kind in to_publish {
         publish(ctx, order, kind, cancel_note_opt(&owned), false).await?;
@@ -542,10 +601,16 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
     }
 
     // The order as it is now: nudge it if it stalled, or expire it if done.
-    let mut after = status.clone();
-    after.conditions = owned.conditions.clone();
-    after.phase = Some(phase);
-    if let Some(aw) = deadline::awaiting(phase, &after) {
+    // Compensation that failed for good, or that a person settled, is not
+    // re-published any more.
+    let gave_up = find(&after.conditions, condition::COMPENSATION_FAILED)
+        .is_some_and(|c| c.status == "True")
+        || order
+            .annotations()
+            .contains_key(annotation::COMPENSATION_RESOLVED);
+    if let Some(aw) = deadline::awaiting(phase, &after)
+        .filter(|aw| !(gave_up && aw.event == EventType::OrderCancelled))
+    {
         return nudge(order, aw, ctx, now).await;
     }
     if phase.is_terminal() {
@@ -560,6 +625,50 @@ fn cancel_note(owned: &Owned) -> String {
 
 fn cancel_note_opt(owned: &Owned) -> Option<String> {
     find(&owned.conditions, condition::CANCELLED).map(|c| format!("{}: {}", c.reason, c.message))
+}
+
+/// Whether a cancelled order's compensation has failed for good (`true`,
+/// after `--max-compensation-attempts` re-publishes) or recovered (`false`,
+/// it was marked failed and is now done or resolved by hand), with the
+/// condition's reason and message; `None` when nothing changes.
+fn compensation_check(
+    order: &Order,
+    status: &OrderStatus,
+    ctx: &Context,
+    now: Timestamp,
+) -> Option<(bool, &'static str, String)> {
+    let marked = find(&status.conditions, condition::COMPENSATION_FAILED)
+        .is_some_and(|c| c.status == "True");
+    let resolved = order
+        .annotations()
+        .get(annotation::COMPENSATION_RESOLVED)
+        .cloned();
+    let overdue = deadline::awaiting(OrderPhase::Cancelled, status)
+        .filter(|aw| {
+            aw.event == EventType::OrderCancelled && status.phase == Some(OrderPhase::Cancelled)
+        })
+        .filter(|_| resolved.is_none())
+        .map(|aw| deadline::deadlines_passed(aw.since, now, ctx.config.stage_deadline));
+    match (marked, overdue) {
+        (false, Some(passed)) if passed > ctx.config.max_compensation_attempts => {
+            let owed = deadline::money_outstanding(status)
+                .unwrap_or("a worker has not undone its stage yet");
+            Some((
+                true,
+                reason::COMPENSATION_EXHAUSTED,
+                format!(
+                    "{owed} after {} re-published order.cancelled events; settle it by hand, then annotate the order {}=<what was done>",
+                    ctx.config.max_compensation_attempts,
+                    annotation::COMPENSATION_RESOLVED
+                ),
+            ))
+        }
+        (true, None) => Some(match resolved {
+            Some(note) => (false, reason::RESOLVED_BY_HAND, note),
+            None => (false, reason::COMPENSATED, "compensation completed".into()),
+        }),
+        _ => None,
+    }
 }
 
 /// Re-publishes the event a stalled order waits for, once per passed deadline.
@@ -636,26 +745,26 @@ async fn expire(
     Ok(Action::await_change())
 }
 
-/// The order is being deleted: compensate before letting it go.
+/// The order is being deleted: compensate before letting it go. Stock is
+/// returned at once and the workers are told to undo their stages; while
+/// the customer's money is outstanding (a charge not refunded, or one whose
+/// outcome is not recorded) the finalizer stays, and order.cancelled is
+/// re-published once per stage deadline. After `--max-compensation-attempts`
+/// the order says CompensationFailed and waits for a person, who settles it
+/// by hand and annotates it `dishpatch.dev/compensation-resolved`.
+///
+/// No charge can start once deletion has begun: the payment service records
+/// its intent (`Pending`) with the resourceVersion it decided from, and
+/// setting the deletion timestamp changes that version. So the copy this
+/// runs on shows every charge that could ever exist for the order.
 async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
     let uid = order.uid().unwrap_or_default();
     let status = order.status.clone().unwrap_or_default();
     let facts = Facts::of(Some(&status));
     let phase = status.phase.unwrap_or_else(|| phase_of(&facts));
     let namespace = order.namespace().unwrap_or_default();
+    let now = Timestamp::now();
 
-    // A delivered order's charge and courier are as they should be; only an
-    // unfinished or cancelled one has anything to undo.
-    let undo = !phase.is_terminal()
-        || (phase == OrderPhase::Cancelled && deadline::compensation_outstanding(&status));
-    if undo && ctx.memory.first_time(&uid, EventType::OrderCancelled) {
-        // Tell the workers to undo what they did (refund, free the courier).
-        let why = Some(format!("{}: order deleted", reason::DELETED));
-        if let Err(e) = publish(ctx, order, EventType::OrderCancelled, why, false).await {
-            ctx.memory.forget(&uid);
-            return Err(e);
-        }
-    }
     let released = ctx
         .stock
         .update(&namespace, &order.spec.restaurant_ref.name, |_, st| {
@@ -674,35 +783,88 @@ async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
         .await;
     }
 
-    let charged = status
-        .payment
-        .as_ref()
-        .is_some_and(|p| p.state == PaymentState::Succeeded);
-    if charged && phase != OrderPhase::Delivered {
-        let since = order
-            .meta()
-            .deletion_timestamp
-            .as_ref()
-            .map_or_else(Timestamp::now, |t| t.0);
-        let waited = Duration::try_from(Timestamp::now().duration_since(since)).unwrap_or_default();
-        if waited < ctx.config.cleanup_timeout {
-            return Err(Error::Waiting(format!(
-                "order {} waits for its refund",
-                order.name_any()
-            )));
+    let resolved = order
+        .annotations()
+        .contains_key(annotation::COMPENSATION_RESOLVED);
+    let owed = deadline::money_outstanding(&status).filter(|_| !resolved);
+    // A delivered order's charge and courier are as they should be; only an
+    // unfinished or cancelled one has anything to undo.
+    let undo = !phase.is_terminal()
+        || (phase == OrderPhase::Cancelled && deadline::compensation_outstanding(&status));
+    let Some(owed) = owed else {
+        if undo && ctx.memory.should_compensate(&uid, 0) {
+            // Tell the workers to undo what they did (drop the ticket, free the courier).
+            publish(
+                ctx,
+                order,
+                EventType::OrderCancelled,
+                deleted_reason(),
+                false,
+            )
+            .await?;
         }
+        ctx.memory.forget(&uid);
+        return Ok(Action::await_change());
+    };
+
+    let deadline = ctx.config.stage_deadline;
+    let since = order
+        .meta()
+        .deletion_timestamp
+        .as_ref()
+        .map_or(now, |t| t.0);
+    let passed = deadline::deadlines_passed(since, now, deadline);
+    let exhausted = passed > ctx.config.max_compensation_attempts;
+    if !exhausted {
+        if ctx.memory.should_compensate(&uid, passed) {
+            publish(
+                ctx,
+                order,
+                EventType::OrderCancelled,
+                deleted_reason(),
+                passed > 0,
+            )
+            .await?;
+        }
+        return Err(Error::Waiting(
+            format!("deleted order {} waits: {owed}", order.name_any()),
+            deadline::until_next(since, now, deadline, passed),
+        ));
+    }
+    let failed = find(&status.conditions, condition::COMPENSATION_FAILED)
+        .is_some_and(|c| c.status == "True");
+    if !failed {
+        let message = format!(
+            "{owed} after {} re-published order.cancelled events; the order keeps its finalizer until it is settled by hand and annotated {}=<what was done>",
+            ctx.config.max_compensation_attempts,
+            annotation::COMPENSATION_RESOLVED
+        );
+        let mut owned = Owned::of(&status);
+        owned.set(
+            condition::COMPENSATION_FAILED,
+            true,
+            reason::COMPENSATION_EXHAUSTED,
+            &message,
+            order.metadata.generation,
+            &Time(now),
+        );
+        write_status(ctx, order, &owned).await?;
+        ctx.metrics.compensation_failed.inc();
         record(
             ctx,
             order,
             K8sEventType::Warning,
-            "RefundTimeout",
-            format!(
-                "no refund after {}s; letting the order go",
-                ctx.config.cleanup_timeout.as_secs()
-            ),
+            condition::COMPENSATION_FAILED,
+            message,
         )
         .await;
     }
-    ctx.memory.forget(&uid);
-    Ok(Action::await_change())
+    Err(Error::Waiting(
+        format!("deleted order {} needs a person: {owed}", order.name_any()),
+        RESYNC,
+    ))
+}
+
+fn deleted_reason() -> Option<String> {
+    Some(format!("{}: order deleted", reason::DELETED))
 }

@@ -14,6 +14,17 @@ pub mod condition {
     pub const STOCK_RESERVED: &str = "StockReserved";
     /// True once the order is cancelled (and why); False when a cancellation was refused.
     pub const CANCELLED: &str = "Cancelled";
+    /// True when undoing a called-off order (a refund, a charge to settle)
+    /// kept failing and the operator stopped retrying: a person must act.
+    pub const COMPENSATION_FAILED: &str = "CompensationFailed";
+}
+
+/// Annotations people set on an Order.
+pub mod annotation {
+    /// Set (to a note of what was done) after settling a failed
+    /// compensation by hand, for example a refund made in the provider's
+    /// dashboard: the operator then treats the order as compensated.
+    pub const COMPENSATION_RESOLVED: &str = "dishpatch.dev/compensation-resolved";
 }
 
 /// CamelCase reasons used in conditions and Events.
@@ -35,6 +46,9 @@ pub mod reason {
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";
     pub const DELETED: &str = "Deleted";
     pub const TOO_LATE: &str = "TooLateToCancel";
+    pub const COMPENSATION_EXHAUSTED: &str = "CompensationExhausted";
+    pub const COMPENSATED: &str = "Compensated";
+    pub const RESOLVED_BY_HAND: &str = "ResolvedByHand";
 }
 
 /// The facts the phase is computed from.
@@ -294,6 +308,12 @@ mod tests {
         assert_eq!(phase_of(&f), OrderPhase::Rejected);
         f.accepted = Some(true);
         assert_eq!(phase_of(&f), OrderPhase::Accepted);
+        f.payment = Some(PaymentState::Pending);
+        assert_eq!(
+            phase_of(&f),
+            OrderPhase::Accepted,
+            "not paid until it succeeds"
+        );
         f.payment = Some(PaymentState::Succeeded);
         assert_eq!(phase_of(&f), OrderPhase::Paid);
         f.kitchen = Some(KitchenState::Queued);
@@ -361,6 +381,7 @@ mod tests {
             prop::option::of(any::<bool>()),
             any::<bool>(),
             prop::option::of(prop::sample::select(vec![
+                PaymentState::Pending,
                 PaymentState::Succeeded,
                 PaymentState::Failed,
                 PaymentState::Refunded,

@@ -284,6 +284,10 @@ pub struct OrderStatus {
 /// Outcome of the payment stage.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
 pub enum PaymentState {
+    /// A charge was requested and its outcome is not recorded yet. Written
+    /// before the provider is called, so money can never move for an order
+    /// that shows no payment: deletion and cancellation wait for it to settle.
+    Pending,
     Succeeded,
     Failed,
     Refunded,

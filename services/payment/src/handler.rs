@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
-use dishpatch_api::Order;
 use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
 use dishpatch_api::lifecycle::{condition, find};
 use dishpatch_api::order::{PaymentState, PaymentStatus};
+use dishpatch_api::{Money, Order};
 use dishpatch_worker::{HandleError, Handler, OrderAccess};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -88,6 +88,76 @@ impl Payment {
             .await
     }
 
+    /// The payment section for a charge's outcome.
+    fn outcome_status(&self, total: &Money, outcome: &ChargeOutcome) -> PaymentStatus {
+        match outcome {
+            ChargeOutcome::Succeeded { payment_id } => PaymentStatus {
+                state: PaymentState::Succeeded,
+                provider: self.gateway.name().into(),
+                payment_id: Some(payment_id.clone()),
+                amount: Some(total.clone()),
+                charged_at: Some(Time(jiff::Timestamp::now())),
+                failure_reason: None,
+                refund_id: None,
+                refunded_at: None,
+            },
+            ChargeOutcome::Declined { reason } => PaymentStatus {
+                state: PaymentState::Failed,
+                provider: self.gateway.name().into(),
+                payment_id: None,
+                amount: None,
+                charged_at: None,
+                failure_reason: Some(reason.clone()),
+                refund_id: None,
+                refunded_at: None,
+            },
+        }
+    }
+
+    /// Calls the gateway for the order's one charge (the idempotency key
+    /// makes a repeat return the first outcome) and records the outcome over
+    /// the `Pending` intent. Returns the order as written, or `None` when
+    /// someone else recorded the outcome first.
+    async fn settle_charge(
+        &self,
+        order: Order,
+        r: &OrderRef,
+        total: &Money,
+        token: String,
+    ) -> Result<Option<(Order, PaymentStatus)>, HandleError> {
+        let req = ChargeRequest {
+            idempotency_key: format!("{}:charge", r.uid),
+            order_uid: r.uid.clone(),
+            amount: total.amount,
+            currency: total.currency.clone(),
+            token,
+            description: format!("dishpatch order {}/{}", r.namespace, r.name),
+        };
+        let outcome = match self.gateway.charge(&req).await {
+            Ok(outcome) => outcome,
+            Err(GatewayError::Permanent(why)) => ChargeOutcome::Declined { reason: why },
+            Err(e) => return Err(e.into()),
+        };
+        let status = self.outcome_status(total, &outcome);
+        let section = to_value(&status)?;
+        // Conditional, so an outcome never overwrites a refund recorded by a
+        // concurrent resolution of the same intent.
+        let mut current = order;
+        loop {
+            if let Some(written) = self
+                .access
+                .write_if_unchanged(&current, section.clone())
+                .await?
+            {
+                return Ok(Some((written, status)));
+            }
+            match self.access.order(r).await? {
+                Some(o) if payment_state(&o) == Some(PaymentState::Pending) => current = o,
+                _ => return Ok(None),
+            }
+        }
+    }
+
     async fn charge(&self, r: &OrderRef, traceparent: &str) -> Result<(), HandleError> {
         let Some(order) = self.access.order(r).await? else {
             return Ok(()); // gone: nothing to charge
@@ -96,6 +166,7 @@ impl Payment {
         if let Some(p) = &status.payment {
             // Already handled: the event may not have gone out before a crash.
             let kind = match p.state {
+                PaymentState::Pending => return self.resolve(order, r, traceparent).await,
                 PaymentState::Succeeded => EventType::PaymentSucceeded,
                 PaymentState::Failed => EventType::PaymentFailed,
                 PaymentState::Refunded => return Ok(()),
@@ -122,51 +193,88 @@ impl Payment {
             Ok(t) => t,
             Err(why) => return self.fail(&order, r, why, traceparent).await,
         };
-        let req = ChargeRequest {
-            idempotency_key: format!("{}:charge", r.uid),
-            order_uid: r.uid.clone(),
-            amount: total.amount,
-            currency: total.currency.clone(),
-            token,
-            description: format!("dishpatch order {}/{}", r.namespace, r.name),
+        // Record the intent before money can move, on the object we decided
+        // from: if the order was cancelled or deleted since we read it, the
+        // write is refused and nothing is charged. Once it is there, deletion
+        // and cancellation wait until the charge is settled.
+        let pending = PaymentStatus {
+            state: PaymentState::Pending,
+            provider: self.gateway.name().into(),
+            payment_id: None,
+            amount: Some(total.clone()),
+            charged_at: None,
+            failure_reason: None,
+            refund_id: None,
+            refunded_at: None,
         };
-        match self.gateway.charge(&req).await {
-            Ok(ChargeOutcome::Succeeded { payment_id }) => {
-                let status = PaymentStatus {
-                    state: PaymentState::Succeeded,
-                    provider: self.gateway.name().into(),
-                    payment_id: Some(payment_id),
-                    amount: Some(total),
-                    charged_at: Some(Time(jiff::Timestamp::now())),
-                    failure_reason: None,
-                    refund_id: None,
-                    refunded_at: None,
-                };
-                self.access
-                    .write(
-                        &order,
-                        serde_json::to_value(&status)
-                            .map_err(|e| HandleError::Permanent(e.to_string()))?,
-                    )
-                    .await?;
-                self.access
-                    .publish(r, EventType::PaymentSucceeded, None, traceparent)
-                    .await
-            }
-            Ok(ChargeOutcome::Declined { reason }) => {
-                self.fail(&order, r, reason, traceparent).await
-            }
-            Err(GatewayError::Permanent(why)) => self.fail(&order, r, why, traceparent).await,
-            Err(e) => Err(e.into()),
+        let Some(order) = self
+            .access
+            .write_if_unchanged(&order, to_value(&pending)?)
+            .await?
+        else {
+            return Err(HandleError::Retryable(
+                "the order changed before the charge; deciding again".into(),
+            ));
+        };
+        match self.settle_charge(order, r, &total, token).await? {
+            Some((_, status)) => self.announce(r, &status, traceparent).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes what a recorded charge came to.
+    async fn announce(
+        &self,
+        r: &OrderRef,
+        status: &PaymentStatus,
+        traceparent: &str,
+    ) -> Result<(), HandleError> {
+        let kind = match status.state {
+            PaymentState::Succeeded => EventType::PaymentSucceeded,
+            PaymentState::Failed => EventType::PaymentFailed,
+            PaymentState::Pending | PaymentState::Refunded => return Ok(()),
+        };
+        self.access
+            .publish(r, kind, status.failure_reason.clone(), traceparent)
+            .await
+    }
+
+    /// A `Pending` intent whose charge may or may not have reached the
+    /// provider (a crash in between): ask again with the same idempotency
+    /// key, which returns the first outcome or makes the one charge now.
+    async fn resolve(
+        &self,
+        order: Order,
+        r: &OrderRef,
+        traceparent: &str,
+    ) -> Result<(), HandleError> {
+        let Some(total) = order
+            .status
+            .as_ref()
+            .and_then(|s| s.payment.as_ref())
+            .and_then(|p| p.amount.clone())
+        else {
+            return Err(HandleError::Permanent(
+                "a pending payment without an amount".into(),
+            ));
+        };
+        let token = match self.token(&order).await? {
+            Ok(t) => t,
+            // The token is gone too: the provider never saw a charge we
+            // could repeat, so record the failure.
+            Err(why) => return self.fail(&order, r, why, traceparent).await,
+        };
+        match self.settle_charge(order, r, &total, token).await? {
+            Some((_, status)) => self.announce(r, &status, traceparent).await,
+            None => Ok(()),
         }
     }
 
     async fn refund(&self, r: &OrderRef, traceparent: &str) -> Result<(), HandleError> {
-        let Some(order) = self.access.order(r).await? else {
+        let Some(mut order) = self.access.order(r).await? else {
+            // The operator's finalizer keeps a charged order until it is
+            // refunded; an order gone is one that needed nothing.
             return Ok(());
-        };
-        let Some(mut payment) = order.status.as_ref().and_then(|s| s.payment.clone()) else {
-            return Ok(()); // never charged
         };
         // Refund only what was really called off: a cancelled order, or one
         // deleted before it was delivered. A stray or late order.cancelled
@@ -187,8 +295,24 @@ impl Payment {
             }
             return Ok(());
         }
+        if payment_state(&order) == Some(PaymentState::Pending) {
+            // Settle the charge first, then refund what it came to.
+            self.resolve(order, r, traceparent).await?;
+            let Some(fresh) = self.access.order(r).await? else {
+                return Ok(());
+            };
+            order = fresh;
+        }
+        let Some(mut payment) = order.status.as_ref().and_then(|s| s.payment.clone()) else {
+            return Ok(()); // never charged, and never will be: the intent comes first
+        };
         match payment.state {
             PaymentState::Failed => return Ok(()),
+            PaymentState::Pending => {
+                return Err(HandleError::Retryable(
+                    "the charge is not settled yet".into(),
+                ));
+            }
             PaymentState::Refunded => {
                 return self
                     .access
@@ -216,17 +340,23 @@ impl Payment {
         payment.state = PaymentState::Refunded;
         payment.refund_id = Some(refund_id);
         payment.refunded_at = Some(Time(jiff::Timestamp::now()));
-        self.access
-            .write(
-                &order,
-                serde_json::to_value(&payment)
-                    .map_err(|e| HandleError::Permanent(e.to_string()))?,
-            )
-            .await?;
+        self.access.write(&order, to_value(&payment)?).await?;
         self.access
             .publish(r, EventType::PaymentRefunded, None, traceparent)
             .await
     }
+}
+
+fn payment_state(order: &Order) -> Option<PaymentState> {
+    order
+        .status
+        .as_ref()
+        .and_then(|s| s.payment.as_ref())
+        .map(|p| p.state)
+}
+
+fn to_value(status: &PaymentStatus) -> Result<serde_json::Value, HandleError> {
+    serde_json::to_value(status).map_err(|e| HandleError::Permanent(e.to_string()))
 }
 
 impl Handler for Payment {
