@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -20,9 +22,17 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// Renew well within the lease so one slow request doesn't lose it.
-    fn renew_every(&self) -> Duration {
-        self.duration / 3
+    /// How often the leader renews and a standby retries (client-go's
+    /// retry period).
+    fn retry_every(&self) -> Duration {
+        (self.duration / 5).max(Duration::from_millis(200))
+    }
+
+    /// A leader that could not renew within this long since its last
+    /// renewal stops leading. Shorter than the lease, so it stops before any
+    /// standby may take over (client-go's renew deadline).
+    fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
     }
 }
 
@@ -30,17 +40,40 @@ fn duration_secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs().max(1)).unwrap_or(i32::MAX)
 }
 
-/// Whether a lease held by someone else has run out.
-pub fn expired(spec: &LeaseSpec, now: Timestamp) -> bool {
+/// The lease record as this replica last saw it, and when it saw it change,
+/// by its own monotonic clock. Expiry is measured from that moment, as
+/// client-go does, never from the holder's `renewTime`: the two machines'
+/// clocks need not agree.
+#[derive(Debug, Clone)]
+struct Observed {
+    record: (Option<String>, Option<MicroTime>, Option<i32>),
+    at: Instant,
+}
+
+impl Observed {
+    /// Records `spec` as seen at `now`; the time moves only when the record changed.
+    fn see(observed: &mut Option<Observed>, spec: &LeaseSpec, now: Instant) {
+        let record = (
+            spec.holder_identity.clone(),
+            spec.renew_time.clone(),
+            spec.lease_transitions,
+        );
+        if observed.as_ref().is_none_or(|o| o.record != record) {
+            *observed = Some(Observed { record, at: now });
+        }
+    }
+}
+
+/// Whether a lease held by someone else has run out: nobody holds it, or
+/// its record has not changed for a whole lease duration since we saw it
+/// change.
+pub fn expired(spec: &LeaseSpec, unchanged_since: Instant, now: Instant) -> bool {
     let holder = spec.holder_identity.as_deref().unwrap_or("");
     if holder.is_empty() {
         return true;
     }
-    let Some(renewed) = spec.renew_time.as_ref().or(spec.acquire_time.as_ref()) else {
-        return true;
-    };
-    let secs = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    renewed.0.as_second().saturating_add(secs) < now.as_second()
+    let secs = u64::try_from(spec.lease_duration_seconds.unwrap_or(15)).unwrap_or(15);
+    now.saturating_duration_since(unchanged_since) >= Duration::from_secs(secs)
 }
 
 fn claim(existing: Option<&LeaseSpec>, cfg: &LeaseConfig, now: Timestamp) -> LeaseSpec {
@@ -67,7 +100,11 @@ fn claim(existing: Option<&LeaseSpec>, cfg: &LeaseConfig, now: Timestamp) -> Lea
 }
 
 /// Tries once to become or stay the holder. `Ok(true)` if we hold the lease.
-async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::Error> {
+async fn try_acquire(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    observed: &mut Option<Observed>,
+) -> Result<bool, kube::Error> {
     let now = Timestamp::now();
     match api.get_opt(&cfg.name).await? {
         None => {
@@ -87,8 +124,11 @@ async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<bool, kube::
         }
         Some(mut lease) => {
             let spec = lease.spec.clone().unwrap_or_default();
+            let seen_at = Instant::now();
+            Observed::see(observed, &spec, seen_at);
+            let unchanged_since = observed.as_ref().map_or(seen_at, |o| o.at);
             let ours = spec.holder_identity.as_deref() == Some(cfg.identity.as_str());
-            if !ours && !expired(&spec, now) {
+            if !ours && !expired(&spec, unchanged_since, seen_at) {
                 return Ok(false);
             }
             lease.spec = Some(claim(Some(&spec), cfg, now));
@@ -118,13 +158,18 @@ pub async fn acquire(
     mut shutdown: watch::Receiver<bool>,
 ) -> Option<Leadership> {
     let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
-    let retry = (cfg.duration / 5).max(Duration::from_millis(200));
+    let retry = cfg.retry_every();
+    let mut observed = None;
     tracing::info!(lease = %cfg.name, identity = %cfg.identity, "waiting for the lease");
     loop {
-        match try_acquire(&api, &cfg).await {
-            Ok(true) => break,
-            Ok(false) => {}
-            Err(e) => tracing::warn!(error = %e, "acquiring the lease"),
+        // A hung request must not keep a standby from trying again.
+        match tokio::time::timeout(cfg.renew_deadline(), try_acquire(&api, &cfg, &mut observed))
+            .await
+        {
+            Ok(Ok(true)) => break,
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "acquiring the lease"),
+            Err(_) => tracing::warn!("acquiring the lease timed out"),
         }
         tokio::select! {
             _ = tokio::time::sleep(retry) => {}
@@ -137,20 +182,29 @@ pub async fn acquire(
         let api = api.clone();
         let cfg = cfg.clone();
         tokio::spawn(async move {
-            let mut last_renewed = tokio::time::Instant::now();
+            let mut last_renewed = Instant::now();
             loop {
-                tokio::time::sleep(cfg.renew_every()).await;
-                match try_acquire(&api, &cfg).await {
-                    Ok(true) => last_renewed = tokio::time::Instant::now(),
-                    Ok(false) => {
+                tokio::time::sleep(retry).await;
+                // Each renewal may take only what is left of the renew
+                // deadline: a request that hangs (the apiserver's read
+                // timeout is minutes) must not keep this replica leading
+                // after a standby may have taken over.
+                let left = cfg.renew_deadline().saturating_sub(last_renewed.elapsed());
+                match tokio::time::timeout(left, try_acquire(&api, &cfg, &mut observed)).await {
+                    Ok(Ok(true)) => last_renewed = Instant::now(),
+                    Ok(Ok(false)) => {
                         tracing::error!("the lease was taken over by another replica");
                         let _ = tx.send(true);
                         return;
                     }
-                    Err(e) => tracing::warn!(error = %e, "renewing the lease"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "renewing the lease"),
+                    Err(_) => tracing::warn!("renewing the lease timed out"),
                 }
-                if last_renewed.elapsed() >= cfg.duration {
-                    tracing::error!("could not renew the lease in time");
+                if last_renewed.elapsed() >= cfg.renew_deadline() {
+                    tracing::error!(
+                        deadline = ?cfg.renew_deadline(),
+                        "could not renew the lease within the renew deadline; stopping"
+                    );
                     let _ = tx.send(true);
                     return;
                 }
@@ -170,6 +224,16 @@ impl Leadership {
     /// for it to expire.
     pub async fn release(self) {
         self.renewer.abort();
+        let deadline = self.cfg.renew_deadline();
+        if tokio::time::timeout(deadline, self.give_up())
+            .await
+            .is_err()
+        {
+            tracing::warn!("releasing the lease timed out; it expires on its own");
+        }
+    }
+
+    async fn give_up(&self) {
         if let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await
             && let Some(spec) = lease.spec.as_mut()
             && spec.holder_identity.as_deref() == Some(self.cfg.identity.as_str())
@@ -203,12 +267,45 @@ mod tests {
     }
 
     #[test]
-    fn expiry() {
-        let now = Timestamp::from_second(1_000).unwrap();
-        assert!(!expired(&spec(Some("a"), 990, 15), now));
-        assert!(expired(&spec(Some("a"), 980, 15), now));
-        assert!(expired(&spec(None, 999, 15), now));
-        assert!(expired(&spec(Some(""), 999, 15), now));
+    fn expiry_runs_from_when_the_record_last_changed_here() {
+        let t0 = Instant::now();
+        let secs = Duration::from_secs;
+        assert!(!expired(&spec(Some("a"), 990, 15), t0, t0 + secs(14)));
+        assert!(expired(&spec(Some("a"), 990, 15), t0, t0 + secs(15)));
+        assert!(expired(&spec(None, 999, 15), t0, t0));
+        assert!(expired(&spec(Some(""), 999, 15), t0, t0));
+    }
+
+    #[test]
+    fn a_holder_clock_far_behind_or_ahead_changes_nothing() {
+        // renewTime says 1970 or the far future: only whether it changes counts.
+        let t0 = Instant::now();
+        let mut observed = None;
+        let stale = spec(Some("a"), 0, 15);
+        Observed::see(&mut observed, &stale, t0);
+        let since = observed.as_ref().unwrap().at;
+        assert!(!expired(&stale, since, t0 + Duration::from_secs(5)));
+        // Renewed (renewTime moved, even backwards): the clock restarts.
+        let renewed = spec(Some("a"), -5, 15);
+        Observed::see(&mut observed, &renewed, t0 + Duration::from_secs(10));
+        let since = observed.as_ref().unwrap().at;
+        assert!(!expired(&renewed, since, t0 + Duration::from_secs(20)));
+        // Seen again unchanged: the clock keeps running from the change.
+        Observed::see(&mut observed, &renewed, t0 + Duration::from_secs(24));
+        let since = observed.as_ref().unwrap().at;
+        assert!(expired(&renewed, since, t0 + Duration::from_secs(25)));
+    }
+
+    #[test]
+    fn the_leader_stops_before_a_standby_may_take_over() {
+        let cfg = LeaseConfig {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "a".into(),
+            duration: Duration::from_secs(15),
+        };
+        assert!(cfg.renew_deadline() < cfg.duration);
+        assert!(cfg.retry_every() < cfg.renew_deadline());
     }
 
     #[test]

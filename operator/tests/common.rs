@@ -46,6 +46,17 @@ impl Bed {
 
     /// Starts a real `dishpatch-operator run` scoped to this namespace.
     pub fn operator(&self, identity: &str, extra: &[&str]) -> Operator {
+        self.operator_via(identity, extra, &kubeconfig_path())
+    }
+
+    /// Like [`operator`](Self::operator), talking to the apiserver through
+    /// the given kubeconfig (for example one that points at a proxy).
+    pub fn operator_via(
+        &self,
+        identity: &str,
+        extra: &[&str],
+        kubeconfig: &std::path::Path,
+    ) -> Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_dishpatch-operator"))
             .arg("run")
             .args(["--namespace", &self.ns.name])
@@ -53,7 +64,7 @@ impl Bed {
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(["--identity", identity])
             .args(extra)
-            .env("KUBECONFIG", kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -321,3 +321,102 @@ where
         }
     }
 }
+
+/// A TCP proxy on loopback that can be frozen: while frozen it keeps every
+/// connection open but passes no bytes, so requests through it hang the way
+/// they do behind a stalled network or an apiserver that stopped answering.
+/// Dropping it stops it.
+pub struct FreezableProxy {
+    pub addr: std::net::SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    /// Listens on an ephemeral loopback port and forwards to `upstream`.
+    pub async fn start(upstream: std::net::SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    tokio::join!(pump(ri, wo, watch.clone()), pump(ro, wi, watch));
+                });
+            }
+        });
+        Ok(Self { addr, frozen, task })
+    }
+
+    /// Stops (`true`) or resumes (`false`) the flow of bytes.
+    pub fn freeze(&self, frozen: bool) {
+        let _ = self.frozen.send(frozen);
+    }
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0_u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just before a freeze are held until it thaws.
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A copy of the test kubeconfig whose server is `addr` (for example a
+/// [`FreezableProxy`] in front of the apiserver), written to `path`.
+pub fn kubeconfig_via(addr: std::net::SocketAddr, path: &std::path::Path) -> Result<(), Error> {
+    let text = std::fs::read_to_string(kubeconfig_path())?;
+    let mut done = false;
+    let rewritten: Vec<String> = text
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix("server: ") {
+            Some(_) if !done => {
+                done = true;
+                let indent = &line[..line.len() - line.trim_start().len()];
+                format!("{indent}server: https://{addr}")
+            }
+            _ => line.to_string(),
+        })
+        .collect();
+    std::fs::write(path, rewritten.join("\n") + "\n")?;
+    Ok(())
+}
+
+/// The apiserver's address from the test kubeconfig.
+pub fn apiserver_addr() -> Result<std::net::SocketAddr, Error> {
+    let text = std::fs::read_to_string(kubeconfig_path())?;
+    text.lines()
+        .find_map(|l| l.trim_start().strip_prefix("server: "))
+        .and_then(|url| url.trim().strip_prefix("https://"))
+        .and_then(|hostport| hostport.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| Error::Yaml("no https://IP:PORT server in the kubeconfig".into()))
+}
