@@ -10,6 +10,7 @@ mod metrics;
 mod orders;
 mod restaurants;
 mod stock;
+mod unparsed;
 mod watches;
 
 use std::path::{Path, PathBuf};

@@ -41,9 +41,19 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -
     let order = match &guard.0 {
         Ok(order) => order.clone(),
         Err(invalid) => {
-            // One malformed object must not stop the others: report and skip it.
+            // One malformed object must not stop the others: report and skip
+            // it. Its stock stays held (the orphan sweep counts it as live);
+            // its deletion is handled from metadata and raw fields alone.
             tracing::warn!(name = ?invalid.metadata.name, namespace = ?invalid.metadata.namespace,
                 error = %invalid.error, "skipping an Order that does not parse");
+            let ours = invalid
+                .metadata
+                .finalizers
+                .as_ref()
+                .is_some_and(|f| f.iter().any(|f| f == FINALIZER));
+            if invalid.metadata.deletion_timestamp.is_some() && ours {
+                return crate::unparsed::cleanup(&invalid.metadata, &ctx).await;
+            }
             return Ok(Action::await_change());
         }
     };
@@ -246,6 +256,17 @@ async fn publish(
 
 /// Records a Kubernetes Event on the order; failures only get logged.
 async fn record(ctx: &Context, order: &Order, type_: K8sEventType, reason: &str, note: String) {
+    record_on(ctx, &order.object_ref(&()), type_, reason, note).await;
+}
+
+/// Records a Kubernetes Event on any object; failures only get logged.
+pub(crate) async fn record_on(
+    ctx: &Context,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: K8sEventType,
+    reason: &str,
+    note: String,
+) {
     ctx.metrics.write("events");
     let event = K8sEvent {
         type_,
@@ -254,7 +275,7 @@ async fn record(ctx: &Context, order: &Order, type_: K8sEventType, reason: &str,
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &order.object_ref(&())).await {
+    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
         tracing::warn!(error = %e, "recording an event");
     }
 }

@@ -47,7 +47,12 @@ pub async fn reconcile(
                 ctx.orders
                     .state()
                     .iter()
-                    .filter_map(|o| o.0.as_ref().ok().and_then(|o| o.uid()))
+                    // An order that does not parse still exists and still
+                    // holds its stock.
+                    .filter_map(|o| match &o.0 {
+                        Ok(o) => o.uid(),
+                        Err(invalid) => invalid.metadata.uid.clone(),
+                    })
                     .collect()
             });
             let mut orphans = Vec::new();

@@ -147,4 +147,21 @@ impl StockKeeper {
             "restaurant {namespace}/{name} kept changing; giving up after {ATTEMPTS} attempts"
         )))
     }
+
+    /// Restaurants in `namespace` that, as the watch last saw them, hold
+    /// stock for the order `uid`: for orders whose spec can't be read.
+    pub fn holding(&self, namespace: &str, uid: &str) -> Vec<String> {
+        self.watched
+            .state()
+            .iter()
+            .filter_map(|r| r.0.as_ref().ok())
+            .filter(|r| r.namespace().as_deref() == Some(namespace))
+            .filter(|r| {
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| dishpatch_api::inventory::holds(s, uid))
+            })
+            .map(|r| r.name_any())
+            .collect()
+    }
 }
