@@ -1,6 +1,8 @@
 //! Deleting an order never keeps the customer's money: the finalizer holds
 //! until the payment is settled (refunded, failed or never charged).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Compensation that can never succeed stops after a bounded number of
 //! re-publishes, says so on the order, and leaves a way out for a person.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

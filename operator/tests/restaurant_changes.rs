@@ -1,6 +1,8 @@
 //! Every decision uses the Restaurant at its current generation: a price
 //! change, closing, reopening and a restock each reach the next order.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -6,6 +6,8 @@
 //! past the largest timestamp the Rust types can hold, so the typed Order
 //! fails to parse while the apiserver stores it happily.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -43,12 +43,23 @@ struct Live {
     publisher: Channel,
 }
 
-/// A connection to RabbitMQ for one component. Cheap to share behind an `Arc`.
+/// Connections to RabbitMQ for one component: one for publishing, one for
+/// consuming. A resource alarm (memory, disk) makes the broker block every
+/// connection that publishes, reading nothing more from it; on a shared
+/// connection the consumers' acks would be stuck behind it, so the queues
+/// could not drain and the alarm could not clear. Cheap to share behind an
+/// `Arc`.
 pub struct Broker {
     url: String,
     component: String,
     live: Mutex<Option<Live>>,
+    consuming: Mutex<Option<Connection>>,
 }
+
+/// How long opening a connection may take before the caller retries; an
+/// unanswered TCP connect or handshake would otherwise hang (and hold the
+/// lock every other publisher waits on).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Broker {
     /// Connects, declares the whole topology and enables publisher confirms.
@@ -57,6 +68,7 @@ impl Broker {
             url: url.to_string(),
             component: component.to_string(),
             live: Mutex::new(None),
+            consuming: Mutex::new(None),
         };
         broker.publisher().await?;
         Ok(broker)
@@ -67,13 +79,25 @@ impl Broker {
         &self.component
     }
 
-    /// Whether the connection is up right now.
+    /// Whether the publishing connection is up right now.
     pub async fn is_connected(&self) -> bool {
         self.live
             .lock()
             .await
             .as_ref()
             .is_some_and(|l| l.connection.status().connected() && l.publisher.status().connected())
+    }
+
+    async fn open(&self, role: &str) -> Result<Connection, PublishError> {
+        let properties = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("dishpatch-{}-{role}", self.component),
+        ));
+        match tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, properties))
+            .await
+        {
+            Ok(connection) => Ok(connection?),
+            Err(_) => Err(PublishError::Timeout(CONNECT_TIMEOUT)),
+        }
     }
 
     /// The publishing channel, reconnecting (and re-declaring) if the
@@ -86,12 +110,7 @@ impl Broker {
         {
             return Ok(l.publisher.clone());
         }
-        let connection = Connection::connect(
-            &self.url,
-            ConnectionProperties::default()
-                .with_connection_name(LongString::from(format!("dishpatch-{}", self.component))),
-        )
-        .await?;
+        let connection = self.open("publish").await?;
         let publisher = connection.create_channel().await?;
         declare_topology(&publisher).await?;
         publisher
@@ -109,16 +128,21 @@ impl Broker {
         *self.live.lock().await = None;
     }
 
-    /// A fresh channel on the live connection, for consuming.
+    /// A fresh channel for consuming, on a connection that never publishes
+    /// (see [`Broker`]). The topology is declared on it, so consuming works
+    /// even against a broker that lost its state.
     pub async fn channel(&self) -> Result<Channel, PublishError> {
-        self.publisher().await?;
-        let live = self.live.lock().await;
-        match live.as_ref() {
-            Some(l) => Ok(l.connection.create_channel().await?),
-            None => Err(PublishError::Amqp(lapin::Error::from(
-                lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed),
-            ))),
+        let mut consuming = self.consuming.lock().await;
+        if let Some(c) = consuming.as_ref()
+            && c.status().connected()
+        {
+            return Ok(c.create_channel().await?);
         }
+        let connection = self.open("consume").await?;
+        let channel = connection.create_channel().await?;
+        declare_topology(&channel).await?;
+        *consuming = Some(connection);
+        Ok(channel)
     }
 
     /// Publishes an event persistently and waits for the broker's confirm.
