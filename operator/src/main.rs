@@ -58,6 +58,36 @@ enum Command {
     },
     /// Run the reconcilers (after winning the leader election).
     Run(Box<RunConfig>),
+    /// Inspect and replay the services' dead-letter queues.
+    DeadLetters(DeadLetters),
+}
+
+#[derive(clap::Args)]
+struct DeadLetters {
+    /// AMQP URL of RabbitMQ.
+    #[arg(
+        long,
+        env = "DISHPATCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    #[command(subcommand)]
+    action: DeadLetterAction,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// How many messages wait in each service's dead-letter queue.
+    List,
+    /// Move messages back onto a service's work queue, once the cause is fixed.
+    Replay {
+        /// payment, kitchen, delivery or notification.
+        #[arg(long)]
+        service: String,
+        /// Move at most this many (oldest first).
+        #[arg(long, default_value_t = 1000)]
+        max: usize,
+    },
 }
 
 #[tokio::main]
@@ -65,7 +95,34 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds { out_dir, check } => crds(&out_dir, check),
         Command::Run(config) => run(*config).await,
+        Command::DeadLetters(args) => dead_letters(args).await,
     }
+}
+
+async fn dead_letters(args: DeadLetters) -> anyhow::Result<()> {
+    use dishpatch_messaging::dead_letters;
+    let broker = Broker::connect(&args.amqp_url, "operator-cli")
+        .await
+        .context("connecting to the broker")?;
+    match args.action {
+        DeadLetterAction::List => {
+            for queue in dishpatch_messaging::SERVICE_QUEUES {
+                let n = dead_letters::count(&broker, queue).await?;
+                println!(
+                    "{}\t{n}",
+                    dishpatch_messaging::dead_letter_queue(queue.queue)
+                );
+            }
+        }
+        DeadLetterAction::Replay { service, max } => {
+            let Some(queue) = dead_letters::service_queue(&service) else {
+                bail!("no service {service:?}: payment, kitchen, delivery or notification");
+            };
+            let moved = dead_letters::replay(&broker, queue, max).await?;
+            println!("moved {moved} message(s) back to {}", queue.queue);
+        }
+    }
+    Ok(())
 }
 
 fn crds(out_dir: &Path, check: bool) -> anyhow::Result<()> {

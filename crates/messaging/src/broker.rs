@@ -15,7 +15,8 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Exchange
 use tokio::sync::Mutex;
 
 use crate::topology::{
-    DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, EXCHANGE, SERVICE_QUEUES, dead_letter_queue,
+    DEAD_LETTER_EXCHANGE, DEAD_LETTER_MAX_LENGTH, DEAD_LETTER_TTL_MS, DELIVERY_LIMIT, EXCHANGE,
+    SERVICE_QUEUES, dead_letter_queue,
 };
 use crate::trace::TRACEPARENT_HEADER;
 
@@ -200,6 +201,46 @@ impl Broker {
     }
 }
 
+impl Broker {
+    /// Publishes a raw message straight to one queue (through the default
+    /// exchange) and waits for the confirm: for moving dead letters back.
+    pub(crate) async fn send_to_queue(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let attempt = async {
+            let channel = self.publisher().await?;
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(""),
+                    ShortString::from(queue),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    payload,
+                    properties,
+                )
+                .await?
+                .await?;
+            match confirm {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(queue.to_string())),
+                Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
+            }
+        };
+        match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.forget().await;
+                Err(PublishError::Timeout(PUBLISH_TIMEOUT))
+            }
+        }
+    }
+}
+
 /// Declares the exchanges and every service queue with its dead-letter queue.
 /// Idempotent: declaring what exists with the same arguments is a no-op.
 pub async fn declare_topology(channel: &Channel) -> Result<(), lapin::Error> {
@@ -233,6 +274,20 @@ pub async fn declare_topology(channel: &Channel) -> Result<(), lapin::Error> {
         dlq_args.insert(
             "x-queue-type".into(),
             AMQPValue::LongString("quorum".into()),
+        );
+        // Bounded: dead letters wait for a person (`dishpatch-operator
+        // dead-letters`), but not forever and not without limit.
+        dlq_args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(DEAD_LETTER_MAX_LENGTH),
+        );
+        dlq_args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
+        dlq_args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(DEAD_LETTER_TTL_MS),
         );
         channel
             .queue_declare(dlq.as_str().into(), queue_options, dlq_args)

@@ -6,10 +6,12 @@
 //! acting, and the operator re-publishes when an order stalls.
 
 mod broker;
+pub mod dead_letters;
 mod topology;
 pub mod trace;
 
 pub use broker::{Broker, Delivery, EventTap, PublishError};
 pub use topology::{
-    DEAD_LETTER_EXCHANGE, DELIVERY_LIMIT, EXCHANGE, SERVICE_QUEUES, ServiceQueue, dead_letter_queue,
+    DEAD_LETTER_EXCHANGE, DEAD_LETTER_MAX_LENGTH, DEAD_LETTER_TTL_MS, DELIVERY_LIMIT, EXCHANGE,
+    SERVICE_QUEUES, ServiceQueue, dead_letter_queue,
 };

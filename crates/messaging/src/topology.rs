@@ -9,6 +9,13 @@ pub const EXCHANGE: &str = "dishpatch.events";
 pub const DEAD_LETTER_EXCHANGE: &str = "dishpatch.dead-letter";
 /// Deliveries of one message before the broker dead-letters it (quorum queues).
 pub const DELIVERY_LIMIT: i64 = 5;
+/// Most messages a dead-letter queue keeps; past it the oldest are dropped,
+/// so a flood of poison can't fill the broker's disk. The operator
+/// re-publishes for every order still waiting, so nothing an order needs
+/// lives only here.
+pub const DEAD_LETTER_MAX_LENGTH: i64 = 10_000;
+/// How long a dead letter is kept for inspection and replay: one week.
+pub const DEAD_LETTER_TTL_MS: i64 = 7 * 24 * 60 * 60 * 1000;
 
 /// A consuming service's queue and the events it needs.
 #[derive(Debug, Clone, Copy)]
