@@ -92,11 +92,14 @@ async fn dead_letters_are_bounded_and_replayable() {
     );
 
     // The bounds are on the real queue.
+    // hack/cluster.sh names its node after the AMQP port.
+    let port = std::env::var("DISHPATCH_AMQP_PORT").unwrap_or_else(|_| "5672".into());
+    let node = format!("dishpatch-{port}@localhost");
     let out = std::process::Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
         .args([
             "-q",
             "-n",
-            "dishpatch-5672@localhost",
+            &node,
             "list_queues",
             "-p",
             &ns.name,
