@@ -159,12 +159,14 @@ pub struct Address {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.token) != has(self.secretRef)").message("set exactly one of payment.token or payment.secretRef"))]
 pub struct PaymentMethod {
-    /// A provider token such as `tok_visa` or `pm_card_visa`.
+    /// A provider token such as `tok_visa` or `pm_card_visa`. Never card
+    /// data: twelve or more digits in a row are refused as a card number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(
         length(min = 5, max = 128),
         regex(pattern = r"^(tok|pm|src)_[A-Za-z0-9_]+$")
     )]
+    #[x_kube(validation = Rule::new("!self.matches('[0-9]{12,}')").message("a payment token must not carry a card number (12 or more digits in a row); send a provider token such as tok_visa"))]
     pub token: Option<String>,
     /// A key of a Secret in the order's namespace holding the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -154,6 +154,18 @@ fn cases() -> Vec<Case> {
             reason: "should match",
         },
         Case {
+            name: "card number smuggled into a token",
+            manifest: replace(ORDER, "token: tok_visa", "token: tok_4242424242424242"),
+            field: "spec.payment.token",
+            reason: "card number",
+        },
+        Case {
+            name: "card number inside a payment-method token",
+            manifest: replace(ORDER, "token: tok_visa", "token: pm_card_4000056655665556"),
+            field: "spec.payment.token",
+            reason: "card number",
+        },
+        Case {
             name: "token and secretRef both set",
             manifest: replace(
                 ORDER,
