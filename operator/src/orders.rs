@@ -284,8 +284,12 @@ async fn apply(order: &Order, ctx: &Context) -> Result<Action> {
     let uid = order.uid().unwrap_or_default();
     // Events committed to status earlier whose publish failed go out first.
     for kind in ctx.memory.queued(&uid) {
-        let reason = (kind == EventType::OrderCancelled).then(|| cancel_message(order));
-        publish(ctx, order, kind, reason.flatten(), false).await?;
+        let reason = match kind {
+            EventType::OrderCancelled => cancel_message(order),
+            EventType::OrderRejected => rejection_message(order),
+            _ => None,
+        };
+        publish(ctx, order, kind, reason, false).await?;
         ctx.memory.sent(&uid, kind);
     }
     let status = order.status.clone().unwrap_or_default();
@@ -293,6 +297,15 @@ async fn apply(order: &Order, ctx: &Context) -> Result<Action> {
         None => decide(order, &status, ctx).await,
         Some(_) => progress(order, &status, ctx).await,
     }
+}
+
+fn rejection_message(order: &Order) -> Option<String> {
+    order
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, condition::ACCEPTED))
+        .filter(|c| c.status == "False")
+        .map(|c| format!("{}: {}", c.reason, c.message))
 }
 
 fn cancel_message(order: &Order) -> Option<String> {
@@ -385,7 +398,12 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
                 generation,
                 &now,
             );
+            ctx.memory.queue(&uid, EventType::OrderRejected);
             write_status(ctx, order, &owned).await?;
+            // The customer hears why (notification sends it on).
+            let why = format!("{}: {}", rejection.reason, rejection.message);
+            publish(ctx, order, EventType::OrderRejected, Some(why), false).await?;
+            ctx.memory.sent(&uid, EventType::OrderRejected);
             record(
                 ctx,
                 order,

@@ -93,6 +93,7 @@ async fn accepted_order_is_priced_reserved_and_announced() {
 #[tokio::test]
 async fn rejections_say_why() {
     let bed = Bed::new("reject").await;
+    let mut tap = bed.tap(&[EventType::OrderRejected]).await;
     let _op = bed.operator("op-1", &["--restaurant-grace", "1s"]);
     bed.create_restaurant(fixtures::restaurant("open", true, Some(1)))
         .await;
@@ -111,6 +112,7 @@ async fn rejections_say_why() {
     bed.create_order(fixtures::order("no-restaurant", "nowhere", &[("pizza", 1)]))
         .await;
 
+    let mut rejected = Vec::new();
     for (name, reason, words) in [
         (
             "unknown-item",
@@ -149,6 +151,23 @@ async fn rejections_say_why() {
             o.status.as_ref().unwrap().total.is_none(),
             "{name} is not priced"
         );
+        rejected.push((o.uid().unwrap(), reason));
+    }
+    // Each customer is told, with the reason (notification sends it on).
+    let mut told = std::collections::HashMap::new();
+    while told.len() < rejected.len() {
+        let Some(d) = tap.next_matching(T, |_| true).await else {
+            break;
+        };
+        let e = d.event.unwrap();
+        assert_eq!(e.id, format!("{}.order.rejected", e.data.order.uid));
+        told.insert(e.data.order.uid, e.data.reason.unwrap_or_default());
+    }
+    for (uid, reason) in &rejected {
+        let why = told
+            .get(uid)
+            .unwrap_or_else(|| panic!("no order.rejected for the {reason} order"));
+        assert!(why.starts_with(reason), "{reason}: {why:?}");
     }
     // Nothing was held for the rejected orders.
     let r = bed.restaurant("open").await;

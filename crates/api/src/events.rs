@@ -20,6 +20,9 @@ pub enum EventType {
     OrderAccepted,
     #[serde(rename = "order.cancelled")]
     OrderCancelled,
+    /// The operator refused a new order (closed, out of stock, …); the reason says why.
+    #[serde(rename = "order.rejected")]
+    OrderRejected,
     #[serde(rename = "payment.succeeded")]
     PaymentSucceeded,
     #[serde(rename = "payment.failed")]
@@ -39,9 +42,10 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::OrderAccepted,
         EventType::OrderCancelled,
+        EventType::OrderRejected,
         EventType::PaymentSucceeded,
         EventType::PaymentFailed,
         EventType::PaymentRefunded,
@@ -57,6 +61,7 @@ impl EventType {
         match self {
             EventType::OrderAccepted => "order.accepted",
             EventType::OrderCancelled => "order.cancelled",
+            EventType::OrderRejected => "order.rejected",
             EventType::PaymentSucceeded => "payment.succeeded",
             EventType::PaymentFailed => "payment.failed",
             EventType::PaymentRefunded => "payment.refunded",

@@ -15,6 +15,7 @@ fn source(kind: EventType) -> &'static str {
     match kind {
         EventType::OrderAccepted => include_str!("../templates/order.accepted.txt"),
         EventType::OrderCancelled => include_str!("../templates/order.cancelled.txt"),
+        EventType::OrderRejected => include_str!("../templates/order.rejected.txt"),
         EventType::PaymentSucceeded => include_str!("../templates/payment.succeeded.txt"),
         EventType::PaymentFailed => include_str!("../templates/payment.failed.txt"),
         EventType::PaymentRefunded => include_str!("../templates/payment.refunded.txt"),

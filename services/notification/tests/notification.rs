@@ -167,6 +167,52 @@ async fn emails_the_customer_and_posts_signed_webhooks() {
 }
 
 #[tokio::test]
+async fn a_rejected_order_tells_the_customer_why() {
+    let mut bed = Bed::new("notify-rejected").await;
+    let order = bed
+        .create_order(
+            fixtures::order("o1", "roma", &[("pizza", 2)]),
+            Some("jane@example.com"),
+            json!({"phase": "Rejected"}),
+        )
+        .await;
+    let uid = order.uid().unwrap();
+    bed.start_service().await;
+    let event = bed
+        .publish(
+            bed.order_ref(&order),
+            EventType::OrderRejected,
+            Some("OutOfStock: not enough \"pizza\" in stock: 2 requested, 0 available"),
+        )
+        .await;
+    let mails = wait_for(
+        T,
+        "the rejection e-mail",
+        || bed.smtp.to("jane@example.com"),
+        |m| m.len() == 1,
+    )
+    .await;
+    assert_eq!(mails[0]["subject"], "We could not take your order o1");
+    assert_eq!(
+        mails[0]["message_id"],
+        format!("<{uid}.order.rejected@dishpatch.dev>")
+    );
+    let body = mails[0]["body"].as_str().unwrap();
+    assert!(body.contains("Why: OutOfStock: not enough"), "{body}");
+    assert!(body.contains("Status: not accepted"), "{body}");
+    assert!(!body.contains('{'), "an unfilled placeholder in {body}");
+    let hooks = wait_for(
+        T,
+        "the rejection webhook",
+        || bed.receiver.hooks(),
+        |h| h.len() == 1,
+    )
+    .await;
+    assert!(hooks[0].verifies(SECRET));
+    assert_eq!(hooks[0].event(), event);
+}
+
+#[tokio::test]
 async fn no_email_without_an_address_or_an_order_but_the_webhook_still_goes() {
     let mut bed = Bed::new("notify-skip").await;
     let phone_only = bed
