@@ -237,7 +237,7 @@ platform() {
   start dishpatch-operator env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-operator" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
   start dishpatch-payment env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-payment" run \
-    --amqp-url "$amqp" --admin-addr 127.0.0.1:9091 --ledger "$DEV/payment-ledger.jsonl"
+    --amqp-url "$amqp" --admin-addr 127.0.0.1:9091 --gateway simulated --ledger "$DEV/payment-ledger.jsonl"
   start dishpatch-kitchen env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-kitchen" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9092 --time-scale "$scale"
   start dishpatch-delivery env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-delivery" run \

@@ -39,7 +39,15 @@ async fn main() {
             "operator",
             vec!["--namespace", &ns.name, "--concurrency", "32"],
         ),
-        ("payment", vec!["--ledger", ledger.to_str().unwrap()]),
+        (
+            "payment",
+            vec![
+                "--gateway",
+                "simulated",
+                "--ledger",
+                ledger.to_str().unwrap(),
+            ],
+        ),
         (
             "kitchen",
             vec!["--namespace", &ns.name, "--time-scale", "0"],

@@ -76,7 +76,8 @@ impl Platform {
                 cmd.args(["--namespace", &self.ns.name, "--identity", "e2e"]);
             }
             "payment" => {
-                cmd.args(["--ledger", &self.ledger.display().to_string()]);
+                cmd.args(["--gateway", "simulated"])
+                    .args(["--ledger", &self.ledger.display().to_string()]);
             }
             "kitchen" => {
                 cmd.args(["--namespace", &self.ns.name]).args(scale);

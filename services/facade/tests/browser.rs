@@ -92,7 +92,8 @@ fn start(component: &str, ns: &str, amqp_url: &str, ledger: &Path) -> Child {
             cmd.args(["--namespace", ns, "--identity", "browser-test"]);
         }
         "payment" => {
-            cmd.args(["--ledger", &ledger.display().to_string()]);
+            cmd.args(["--gateway", "simulated"])
+                .args(["--ledger", &ledger.display().to_string()]);
         }
         "kitchen" => {
             cmd.args(["--namespace", ns, "--time-scale", "0"]);

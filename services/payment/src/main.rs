@@ -39,13 +39,10 @@ enum GatewayKind {
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
-    /// Which payment gateway to charge through.
-    #[arg(
-        long,
-        env = "DISHPATCH_GATEWAY",
-        value_enum,
-        default_value = "simulated"
-    )]
+    /// Which payment gateway to charge through. No default: a forgotten
+    /// flag must not mark orders Paid without charging anyone (`make up` and
+    /// the tests say `simulated` out loud).
+    #[arg(long, env = "DISHPATCH_GATEWAY", value_enum)]
     gateway: GatewayKind,
     /// The simulated gateway's ledger (one JSON line per charge or refund).
     #[arg(
