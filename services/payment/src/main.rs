@@ -101,3 +101,20 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_gateway_must_be_chosen_out_loud() {
+        // Unless the environment chooses (DISHPATCH_GATEWAY), which CI does not set.
+        if std::env::var_os("DISHPATCH_GATEWAY").is_none() {
+            let refused = Cli::try_parse_from(["dishpatch-payment", "run"]);
+            assert!(refused.is_err(), "started without a gateway");
+        }
+        let chosen = Cli::try_parse_from(["dishpatch-payment", "run", "--gateway", "simulated"]);
+        assert!(chosen.is_ok());
+    }
+}
