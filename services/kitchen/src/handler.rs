@@ -1,6 +1,7 @@
 //! The kitchen's stage: take a ticket when an order is paid, cook it, say
 //! when it is ready; drop it when the order is cancelled.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,13 +14,19 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
+use kube::core::DeserializeGuard;
 
 use crate::schedule::{Kitchens, Window, prep_time};
 
 pub struct Kitchen {
     pub access: OrderAccess,
     pub scale: f64,
+    /// Bookings: which tickets hold a station (capacity, FIFO).
     pub kitchens: Arc<Mutex<Kitchens>>,
+    /// Order uids whose cook task runs in this process. Kept apart from
+    /// the bookings: a ticket can be booked (and written) while its task is
+    /// not running, when the process failed right after booking.
+    pub cooking: Arc<Mutex<HashSet<String>>>,
 }
 
 fn lock(k: &Mutex<Kitchens>) -> std::sync::MutexGuard<'_, Kitchens> {
@@ -122,11 +129,12 @@ impl Kitchen {
             ready_at: None,
         };
         let written = self.access.write(&order, json(&ticket)?).await?;
+        // Cook first, announce second: if the announcement fails, the retry
+        // finds the ticket cooking and only announces again.
+        self.cook(written, window);
         self.access
             .publish(r, EventType::KitchenAccepted, None, traceparent)
-            .await?;
-        self.cook(written, window);
-        Ok(())
+            .await
     }
 
     async fn drop_ticket(&self, r: &OrderRef) -> Result<(), HandleError> {
@@ -161,43 +169,79 @@ impl Kitchen {
         };
         let uid = order.uid().unwrap_or_default();
         let mut kitchens = lock(&self.kitchens);
-        if kitchens.contains(&kitchen_key(order), &uid) {
-            return; // already cooking here
+        if !kitchens.contains(&kitchen_key(order), &uid) {
+            kitchens.restore(&kitchen_key(order), &uid, window);
         }
-        kitchens.restore(&kitchen_key(order), &uid, window);
         drop(kitchens);
+        // Booked is not cooking: start the task unless it already runs.
         self.cook(order.clone(), window);
     }
 
-    /// Cooks in the background: Preparing at the window's start, Ready at its end.
+    /// Cooks in the background: Preparing at the window's start, Ready at
+    /// its end. At most one task per order runs in this process.
     fn cook(&self, order: Order, window: Window) {
+        let r = order_ref(&order);
+        {
+            let mut cooking = self
+                .cooking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !cooking.insert(r.uid.clone()) {
+                return; // already cooking here
+            }
+        }
         let access = self.access.clone();
         let kitchens = self.kitchens.clone();
+        let cooking = self.cooking.clone();
         tokio::spawn(async move {
-            let r = order_ref(&order);
             let key = kitchen_key(&order);
             let traceparent = dishpatch_messaging_trace(&r);
-            for (at, next) in [
-                (window.start, KitchenState::Preparing),
-                (window.end, KitchenState::Ready),
-            ] {
-                sleep_until(at).await;
-                loop {
-                    match advance(&access, &r, next, &traceparent).await {
-                        Ok(true) => break,
-                        Ok(false) => {
-                            lock(&kitchens).release(&key, &r.uid);
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(order = %r.name, error = %e, "kitchen update failed; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                    }
+            cook_through(&access, &r, window, &traceparent).await;
+            lock(&kitchens).release(&key, &r.uid);
+            cooking
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&r.uid);
+        });
+    }
+}
+
+/// Retries of one kitchen update that keeps failing transiently, with a
+/// doubling pause up to half a minute, before the task gives up. The
+/// operator re-publishes payment.succeeded for an order overdue in the
+/// kitchen, and that starts the task again.
+const TRANSIENT_RETRIES: u32 = 10;
+
+/// The cook task's steps. A permanent error (the apiserver refusing the
+/// write) ends it at once rather than retrying every second forever.
+async fn cook_through(access: &OrderAccess, r: &OrderRef, window: Window, traceparent: &str) {
+    for (at, next) in [
+        (window.start, KitchenState::Preparing),
+        (window.end, KitchenState::Ready),
+    ] {
+        sleep_until(at).await;
+        let mut attempt = 0;
+        loop {
+            match advance(access, r, next, traceparent).await {
+                Ok(true) => break,
+                Ok(false) => return,
+                Err(HandleError::Permanent(e)) => {
+                    tracing::error!(order = %r.name, error = %e, "kitchen update refused; giving up on this ticket");
+                    return;
+                }
+                Err(HandleError::Retryable(e)) if attempt < TRANSIENT_RETRIES => {
+                    let pause =
+                        Duration::from_millis(500 << attempt.min(6)).min(Duration::from_secs(30));
+                    tracing::warn!(order = %r.name, error = %e, retry_in = ?pause, "kitchen update failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    attempt += 1;
+                }
+                Err(HandleError::Retryable(e)) => {
+                    tracing::error!(order = %r.name, error = %e, "kitchen update kept failing; the operator's deadline will bring the order back");
+                    return;
                 }
             }
-            lock(&kitchens).release(&key, &r.uid);
-        });
+        }
     }
 }
 
@@ -246,12 +290,22 @@ async fn advance(
 
 /// At start-up: resume every ticket still cooking according to the Orders.
 pub async fn resume_all(kitchen: &Kitchen, namespace: Option<&str>) -> Result<usize, kube::Error> {
-    let api: Api<Order> = match namespace {
+    // Through DeserializeGuard: one Order that does not parse is skipped,
+    // instead of failing the list and with it the kitchen's start.
+    let api: Api<DeserializeGuard<Order>> = match namespace {
         Some(ns) => Api::namespaced(kitchen.access.client.clone(), ns),
         None => Api::all(kitchen.access.client.clone()),
     };
     let mut resumed = 0;
-    for order in api.list(&ListParams::default()).await? {
+    for guard in api.list(&ListParams::default()).await? {
+        let order = match guard.0 {
+            Ok(order) => order,
+            Err(invalid) => {
+                tracing::warn!(name = ?invalid.metadata.name, namespace = ?invalid.metadata.namespace,
+                    error = %invalid.error, "skipping an Order that does not parse");
+                continue;
+            }
+        };
         let cooking = order
             .status
             .as_ref()

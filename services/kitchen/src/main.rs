@@ -54,6 +54,7 @@ async fn main() -> anyhow::Result<()> {
             access: parts.access,
             scale,
             kitchens: Arc::new(Mutex::new(schedule::Kitchens::default())),
+            cooking: Arc::default(),
         };
         let resumed = handler::resume_all(&kitchen, namespace.as_deref())
             .await
