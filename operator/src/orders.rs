@@ -519,8 +519,14 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
                 )
             })
         });
+        // Judge by where the order really is: the stage facts may already
+        // say picked up while the recorded phase still says Ready.
+        let reached = match advance(current, phase_of(&facts)) {
+            Advance::Move(next) => next,
+            Advance::Stay | Advance::Illegal { .. } => current,
+        };
         match cancellation(order, status, &facts).or(stalled) {
-            Some((why, message)) if cancellable(current) => {
+            Some((why, message)) if cancellable(reached) => {
                 owned.set(condition::CANCELLED, true, why, &message, generation, &t);
                 to_publish.push(EventType::OrderCancelled);
             }

@@ -329,6 +329,9 @@ where
 pub struct FreezableProxy {
     pub addr: std::net::SocketAddr,
     frozen: tokio::sync::watch::Sender<bool>,
+    /// Only the client's bytes are held: requests hang while answers and
+    /// watch events already under way still arrive.
+    upstream_frozen: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -338,25 +341,40 @@ impl FreezableProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (frozen, watch) = tokio::sync::watch::channel(false);
+        let (upstream_frozen, up_watch) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let watch = watch.clone();
+                let up_watch = up_watch.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    tokio::join!(pump(ri, wo, watch.clone()), pump(ro, wi, watch));
+                    tokio::join!(
+                        pump(ri, wo, watch.clone(), Some(up_watch)),
+                        pump(ro, wi, watch, None)
+                    );
                 });
             }
         });
-        Ok(Self { addr, frozen, task })
+        Ok(Self {
+            addr,
+            frozen,
+            upstream_frozen,
+            task,
+        })
     }
 
     /// Stops (`true`) or resumes (`false`) the flow of bytes.
     pub fn freeze(&self, frozen: bool) {
         let _ = self.frozen.send(frozen);
+    }
+
+    /// Stops (`true`) or resumes (`false`) only what the client sends.
+    pub fn freeze_upstream(&self, frozen: bool) {
+        let _ = self.upstream_frozen.send(frozen);
     }
 }
 
@@ -370,6 +388,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: tokio::sync::watch::Receiver<bool>,
+    mut this_way: Option<tokio::sync::watch::Receiver<bool>>,
 ) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0_u8; 16 * 1024];
@@ -383,6 +402,11 @@ async fn pump(
         };
         // Bytes read just before a freeze are held until it thaws.
         if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        if let Some(w) = this_way.as_mut()
+            && w.wait_for(|f| !*f).await.is_err()
+        {
             return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
