@@ -332,6 +332,8 @@ pub struct FreezableProxy {
     /// Only the client's bytes are held: requests hang while answers and
     /// watch events already under way still arrive.
     upstream_frozen: tokio::sync::watch::Sender<bool>,
+    /// Bytes passed from the server to the client so far.
+    down: std::sync::Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -342,10 +344,13 @@ impl FreezableProxy {
         let addr = listener.local_addr()?;
         let (frozen, watch) = tokio::sync::watch::channel(false);
         let (upstream_frozen, up_watch) = tokio::sync::watch::channel(false);
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = down.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
                 let watch = watch.clone();
                 let up_watch = up_watch.clone();
+                let counter = counter.clone();
                 tokio::spawn(async move {
                     let Ok(outbound) = tokio::net::TcpStream::connect(upstream).await else {
                         return;
@@ -353,8 +358,8 @@ impl FreezableProxy {
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
                     tokio::join!(
-                        pump(ri, wo, watch.clone(), Some(up_watch)),
-                        pump(ro, wi, watch, None)
+                        pump(ri, wo, watch.clone(), Some(up_watch), None),
+                        pump(ro, wi, watch, None, Some(counter))
                     );
                 });
             }
@@ -363,8 +368,15 @@ impl FreezableProxy {
             addr,
             frozen,
             upstream_frozen,
+            down,
             task,
         })
+    }
+
+    /// Bytes the server has sent to clients through the proxy so far: how
+    /// much a client reads, whatever TLS hides of what it asked.
+    pub fn bytes_down(&self) -> u64 {
+        self.down.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops (`true`) or resumes (`false`) the flow of bytes.
@@ -389,6 +401,7 @@ async fn pump(
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: tokio::sync::watch::Receiver<bool>,
     mut this_way: Option<tokio::sync::watch::Receiver<bool>>,
+    counter: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 ) {
     use tokio::io::AsyncReadExt;
     let mut buf = vec![0_u8; 16 * 1024];
@@ -411,6 +424,9 @@ async fn pump(
         }
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        if let Some(c) = &counter {
+            c.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }

@@ -18,10 +18,11 @@ use dishpatch_api::restaurant::Restaurant;
 use dishpatch_messaging::trace;
 use dishpatch_worker::{HandleError, Handler, OrderAccess};
 use jiff::Timestamp;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use kube::{Client, ResourceExt};
 use tokio::sync::{OwnedMutexGuard, watch};
 
+use crate::active::Active;
 use crate::couriers::{Cas, Couriers};
 use crate::dispatch::{
     Claim, Next, accepted, after, assigned, cancel_pending, candidates, ceil_second, claimed,
@@ -157,6 +158,9 @@ pub struct Dispatcher {
     precise: Mutex<HashMap<String, (DeliveryState, Timestamp)>>,
     /// Courier claims that looked stale: key → (resourceVersion, first seen).
     suspects: Mutex<HashMap<String, (String, Instant)>>,
+    /// Deliveries under way, from a watch of the Orders.
+    active: Arc<Active>,
+    active_synced: watch::Receiver<bool>,
 }
 
 /// The worker's handler.
@@ -188,6 +192,11 @@ impl Dispatcher {
             client: access.client.clone(),
             manager: access.stage.manager,
         };
+        let (active, active_synced) = Active::start(
+            access.client.clone(),
+            settings.namespace.clone(),
+            shutdown.clone(),
+        );
         let this = Arc::new(Self {
             access,
             couriers,
@@ -199,6 +208,8 @@ impl Dispatcher {
             tried: Mutex::default(),
             precise: Mutex::default(),
             suspects: Mutex::default(),
+            active,
+            active_synced,
         });
         tokio::spawn(this.clone().housekeeping());
         tokio::spawn(this.clone().retry_waiting());
@@ -603,9 +614,17 @@ impl Dispatcher {
                     // A real courier confirms the pick-up through the façade.
                     return Ok(Step::Until(after(now, self.settings.timing.tick)));
                 }
-                self.access
-                    .write(&order, section(&picked_up(&d, now))?)
-                    .await?;
+                // Only onto the order we checked: a cancellation recorded
+                // since then makes this a conflict, and the next step
+                // decides again (and releases). Exactly one of the two wins.
+                if self
+                    .access
+                    .write_if_unchanged(&order, section(&picked_up(&d, now))?)
+                    .await?
+                    .is_none()
+                {
+                    return Ok(Step::Again);
+                }
                 self.clear_said(&order, &d, PICKED_UP_ANNOTATION).await?;
                 held(&self.precise).insert(r.uid.clone(), (DeliveryState::PickedUp, now));
                 tracing::info!(order = %subject, courier = ?d.courier, "picked up");
@@ -823,13 +842,14 @@ impl Dispatcher {
     /// Drives every unfinished delivery in scope that nobody here drives: at
     /// start-up all of them, later only those overdue (their driver is gone).
     async fn resume(self: &Arc<Self>, at_start: bool) -> Result<usize, kube::Error> {
-        let api: Api<Order> = match &self.settings.namespace {
-            Some(ns) => Api::namespaced(self.client(), ns),
-            None => Api::all(self.client()),
-        };
+        // Start-up recovery needs the whole picture: wait for the first list.
+        let mut synced = self.active_synced.clone();
+        if synced.wait_for(|s| *s).await.is_err() {
+            return Ok(0);
+        }
         let now = Timestamp::now();
         let mut resumed = 0;
-        for o in api.list(&ListParams::default()).await?.items {
+        for o in self.active.snapshot() {
             let Some(d) = delivery(&o) else { continue };
             let overdue = match next_step(d, &self.settings.timing) {
                 Next::AwaitAnswer => true,

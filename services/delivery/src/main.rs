@@ -2,6 +2,7 @@
 //! zone, follows each delivery to the door, and frees couriers of cancelled
 //! orders.
 
+mod active;
 mod couriers;
 mod dispatch;
 mod handler;

@@ -110,6 +110,12 @@ impl Bed {
     /// Starts a real `dishpatch-delivery run` scoped to this namespace and
     /// vhost and waits until it consumes. Its log goes to a file named in failures.
     pub async fn delivery(&self, extra: &[&str]) -> Delivery {
+        self.delivery_via(extra, &kubeconfig_path()).await
+    }
+
+    /// Like [`delivery`](Self::delivery), reaching the apiserver through the
+    /// given kubeconfig (for example one that points at a proxy).
+    pub async fn delivery_via(&self, extra: &[&str], kubeconfig: &std::path::Path) -> Delivery {
         let n = self
             .started
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -123,7 +129,7 @@ impl Bed {
             .args(["--amqp-url", &self.amqp_url])
             .args(["--admin-addr", &admin.to_string()])
             .args(extra)
-            .env("KUBECONFIG", kubeconfig_path())
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(file.try_clone().unwrap())
             .stderr(file)
