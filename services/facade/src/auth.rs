@@ -53,11 +53,14 @@ pub enum KeyError {
     Sign(#[from] jsonwebtoken::errors::Error),
 }
 
-/// The HS256 key, ready to sign and verify.
+/// The HS256 key, ready to sign and verify, and what a token must say of
+/// its issuer and audience when those are configured.
 #[derive(Clone)]
 pub struct Keys {
     encoding: EncodingKey,
     decoding: DecodingKey,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl Keys {
@@ -70,7 +73,16 @@ impl Keys {
         Ok(Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
+            issuer: None,
+            audience: None,
         })
+    }
+
+    /// Requires `iss` and/or `aud` to be exactly these.
+    pub fn expecting(mut self, issuer: Option<String>, audience: Option<String>) -> Self {
+        self.issuer = issuer;
+        self.audience = audience;
+        self
     }
 
     pub fn from_file(path: &Path) -> Result<Self, KeyError> {
@@ -92,7 +104,21 @@ impl Keys {
     pub fn verify(&self, token: &str) -> Result<Claims, jsonwebtoken::errors::Error> {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = 5;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A token that is not valid yet is refused, whoever configured what.
+        validation.validate_nbf = true;
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        match &self.audience {
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
         Ok(jsonwebtoken::decode::<Claims>(token, &self.decoding, &validation)?.claims)
     }
 }
@@ -191,6 +217,61 @@ mod tests {
         c.exp -= 3600;
         let token = keys.mint(&c).unwrap();
         assert!(keys.verify(&token).is_err());
+    }
+
+    fn signed(extra: serde_json::Value) -> (Keys, String) {
+        let keys = Keys::from_secret(b"0123456789abcdef0123456789abcdef").unwrap();
+        let mut c =
+            serde_json::to_value(claims("cust-42", Role::Customer, Duration::from_secs(60)))
+                .unwrap();
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        let token =
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &c, &keys.encoding).unwrap();
+        (keys, token)
+    }
+
+    #[test]
+    fn not_before_is_checked() {
+        let later = jiff::Timestamp::now().as_second() + 600;
+        let (keys, token) = signed(serde_json::json!({"nbf": later}));
+        assert!(
+            keys.verify(&token).is_err(),
+            "a token not valid yet was accepted"
+        );
+        let (keys, token) = signed(serde_json::json!({"nbf": later - 1200}));
+        assert!(keys.verify(&token).is_ok());
+    }
+
+    #[test]
+    fn issuer_and_audience_are_checked_when_configured() {
+        let (keys, token) =
+            signed(serde_json::json!({"iss": "https://evil.example", "aud": "someone-else"}));
+        let strict = keys.clone().expecting(
+            Some("https://id.dishpatch.dev".into()),
+            Some("dishpatch".into()),
+        );
+        assert!(
+            strict.verify(&token).is_err(),
+            "a token from another issuer was accepted"
+        );
+        let (_, token) =
+            signed(serde_json::json!({"iss": "https://id.dishpatch.dev", "aud": "someone-else"}));
+        assert!(
+            strict.verify(&token).is_err(),
+            "a token for another audience was accepted"
+        );
+        let (_, token) =
+            signed(serde_json::json!({"iss": "https://id.dishpatch.dev", "aud": "dishpatch"}));
+        assert!(strict.verify(&token).is_ok());
+        let (_, token) = signed(serde_json::json!({}));
+        assert!(
+            strict.verify(&token).is_err(),
+            "iss and aud are required once configured"
+        );
+        // Not configured: neither is required (the dev tokens carry none).
+        assert!(keys.verify(&token).is_ok());
     }
 
     #[test]

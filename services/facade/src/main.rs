@@ -90,6 +90,12 @@ struct RunConfig {
     /// Secret in --namespace whose key `key` holds the signing key.
     #[arg(long, env = "DISHPATCH_JWT_SECRET")]
     jwt_secret: Option<String>,
+    /// Tokens must carry exactly this `iss` (unchecked when unset).
+    #[arg(long, env = "DISHPATCH_JWT_ISSUER")]
+    jwt_issuer: Option<String>,
+    /// Tokens must carry this `aud` (unchecked when unset).
+    #[arg(long, env = "DISHPATCH_JWT_AUDIENCE")]
+    jwt_audience: Option<String>,
     /// Expose POST /dev/token, which mints customer tokens for anyone. Local development only.
     #[arg(long, env = "DISHPATCH_DEV_LOGIN")]
     dev_login: bool,
@@ -183,7 +189,9 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the apiserver")?;
-    let keys = load_keys(&config, &client).await?;
+    let keys = load_keys(&config, &client)
+        .await?
+        .expecting(config.jwt_issuer.clone(), config.jwt_audience.clone());
 
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));
