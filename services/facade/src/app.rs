@@ -82,7 +82,7 @@ pub fn router(state: AppState) -> Router {
 /// and finishes problem responses (instance, WWW-Authenticate).
 async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path().to_string();
-    let method = req.method().to_string();
+    let method = crate::metrics::method_label(req.method()).to_string();
 
     let authn = match crate::auth::bearer(req.headers()) {
         None => Authn::None,
@@ -104,9 +104,9 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
     };
     req.extensions_mut().insert(authn);
 
-    // Probes and scrapes are never throttled; everything else is, per client.
-    let exempt = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
-    let response = if let (false, Err(retry_after)) = (exempt, state.limiter.check(&key)) {
+    // Every request is throttled per client: probes and scrapes are on the
+    // admin listener, not here.
+    let response = if let Err(retry_after) = state.limiter.check(&key) {
         state.metrics.rate_limited.inc();
         let mut p = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -121,13 +121,7 @@ async fn guard(State(state): State<AppState>, mut req: Request, next: Next) -> R
             Err(_) => Problem::unavailable("the request took too long").render(),
         }
     };
-
-    // Probes keep their plain-text answers (the reason a pod is not ready).
-    let response = if exempt {
-        response
-    } else {
-        finish_problem(response, &path)
-    };
+    let response = finish_problem(response, &path);
     let code = format!("{}xx", response.status().as_u16() / 100);
     if response.status() == StatusCode::SERVICE_UNAVAILABLE {
         state.metrics.api_unavailable.inc();

@@ -9,6 +9,7 @@ use dishpatch_api::courier::Courier;
 use dishpatch_api::{Order, Restaurant};
 use dishpatch_runtime::Health;
 use futures::StreamExt;
+use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
@@ -105,10 +106,36 @@ pub fn rv_older(have: Option<&str>, want: Option<&str>) -> bool {
     }
 }
 
-fn spawn_orders(api: Api<Order>, changes: broadcast::Sender<OrderChange>) -> Store<Order> {
+/// An Order event with the Order parsed; `None` for one that does not parse.
+fn parsed(event: watcher::Event<DeserializeGuard<Order>>) -> Option<watcher::Event<Order>> {
+    let ok = |guard: DeserializeGuard<Order>| match guard.0 {
+        Ok(order) => Some(order),
+        Err(invalid) => {
+            tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error,
+                "skipping an Order that does not parse");
+            None
+        }
+    };
+    Some(match event {
+        watcher::Event::Apply(g) => watcher::Event::Apply(ok(g)?),
+        watcher::Event::InitApply(g) => watcher::Event::InitApply(ok(g)?),
+        watcher::Event::Delete(g) => watcher::Event::Delete(ok(g)?),
+        watcher::Event::Init => watcher::Event::Init,
+        watcher::Event::InitDone => watcher::Event::InitDone,
+    })
+}
+
+/// The Orders watch reads every object through `DeserializeGuard`: one
+/// Order that does not parse would otherwise fail the whole list, and the
+/// cache would never fill. Such an order is skipped (and logged).
+fn spawn_orders(
+    api: Api<DeserializeGuard<Order>>,
+    changes: broadcast::Sender<OrderChange>,
+) -> Store<Order> {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .filter_map(|event| std::future::ready(event.map(parsed).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

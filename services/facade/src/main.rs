@@ -74,13 +74,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[derive(clap::Args)]
 struct RunConfig {
-    /// Address of the API, the web page and /healthz, /readyz, /metrics.
+    /// Address of the API and the web page (public).
     #[arg(
         long,
         env = "DISHPATCH_FACADE_LISTEN",
         default_value = "127.0.0.1:8080"
     )]
     listen: SocketAddr,
+    /// Address of /healthz, /readyz and /metrics: an admin listener kept off
+    /// the public port, as every other component has.
+    #[arg(long, env = "DISHPATCH_ADMIN_ADDR", default_value = "127.0.0.1:9095")]
+    admin_addr: SocketAddr,
     /// Namespace orders are created in and read from (and restaurants and couriers read from).
     #[arg(long, env = "DISHPATCH_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -217,10 +221,11 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             "--dev-login: POST /dev/token mints tokens for anyone; local development only"
         );
     }
-    let router = app::router(state).merge(dishpatch_runtime::admin_router(
-        health,
-        Arc::new(registry),
-        None,
+    let router = app::router(state);
+    let admin = tokio::spawn(dishpatch_runtime::serve(
+        config.admin_addr,
+        dishpatch_runtime::admin_router(health, Arc::new(registry), None),
+        shutdown.clone(),
     ));
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -236,5 +241,8 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     })
     .await
     .context("serving")?;
-    Ok(())
+    match admin.await {
+        Ok(Err(e)) => Err(anyhow::anyhow!("admin listener: {e}")),
+        _ => Ok(()),
+    }
 }

@@ -335,7 +335,7 @@ async fn bursts_get_429_with_retry_after() {
     );
     // Probes never are.
     let ready = f
-        .call(Method::GET, "/readyz", None, &[], None)
+        .call(Method::GET, &f.admin_url("/readyz"), None, &[], None)
         .await
         .unwrap();
     assert_eq!(ready.status, StatusCode::OK);
@@ -497,17 +497,31 @@ async fn openapi_and_pages_are_served() {
         assert_eq!(r.status, StatusCode::OK, "{page}");
         assert!(r.content_type().starts_with("text/html"), "{page}");
     }
+    // Metrics and probes are on the admin listener, not the public port.
+    for path in ["/metrics", "/readyz", "/healthz"] {
+        let public = f.call(Method::GET, path, None, &[], None).await.unwrap();
+        assert_eq!(
+            public.status,
+            StatusCode::NOT_FOUND,
+            "{path} on the public port"
+        );
+    }
+    // A client can't mint label values: invented methods share one series.
+    for i in 0..5 {
+        let m = Method::from_bytes(format!("BREW{i}").as_bytes()).unwrap();
+        let _ = f.call(m, "/api/v1/restaurants", None, &[], None).await;
+    }
     let metrics = f
-        .call(Method::GET, "/metrics", None, &[], None)
+        .call(Method::GET, &f.admin_url("/metrics"), None, &[], None)
         .await
         .unwrap();
+    let text = metrics.json.as_str().unwrap();
+    assert!(text.contains("dishpatch_facade_http_requests_total"));
     assert!(
-        metrics
-            .json
-            .as_str()
-            .unwrap()
-            .contains("dishpatch_facade_http_requests_total")
+        !text.contains("BREW"),
+        "client-chosen methods became labels"
     );
+    assert!(text.contains(r#"method="OTHER""#), "{text}");
     // Dev login is off by default.
     let dev = f
         .call(Method::POST, "/dev/token", None, &[], None)

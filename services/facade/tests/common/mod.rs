@@ -20,6 +20,8 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_dishpatch-facade");
 pub struct Facade {
     pub ns: TestNamespace,
     pub base: String,
+    /// The admin listener: /healthz, /readyz, /metrics.
+    pub admin: String,
     pub key_file: PathBuf,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     _child: Child,
@@ -52,6 +54,16 @@ impl Facade {
     /// A namespace with a restaurant `trattoria` (pizza, water) and the
     /// façade serving it.
     pub async fn start(prefix: &str, extra_args: &[&str]) -> Facade {
+        Self::start_with(prefix, extra_args, |_, _| async {}).await
+    }
+
+    /// Like [`start`](Self::start), running `setup` (client, namespace) in
+    /// the namespace before the façade starts.
+    pub async fn start_with<F, Fut>(prefix: &str, extra_args: &[&str], setup: F) -> Facade
+    where
+        F: FnOnce(kube::Client, String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let client = dishpatch_testkit::client()
             .await
             .expect("control plane (make up)");
@@ -63,12 +75,15 @@ impl Facade {
             .await
             .unwrap();
 
+        setup(client.clone(), ns.name.clone()).await;
         let key_file = std::env::temp_dir().join(format!("{}.jwt-key", ns.name));
         std::fs::write(&key_file, "test-signing-key-0123456789abcdef\n").unwrap();
         let port = free_port();
+        let admin_port = free_port();
         let child = Command::new(BIN)
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .args(["--namespace", &ns.name])
             .arg("--jwt-key-file")
             .arg(&key_file)
@@ -83,6 +98,7 @@ impl Facade {
         let facade = Facade {
             ns,
             base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
             key_file,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
             _child: child,
@@ -91,7 +107,7 @@ impl Facade {
             Duration::from_secs(30),
             || async {
                 facade
-                    .call(Method::GET, "/readyz", None, &[], None)
+                    .call(Method::GET, &facade.admin_url("/readyz"), None, &[], None)
                     .await
                     .map(|r| r.status)
                     .ok()
@@ -121,6 +137,11 @@ impl Facade {
         .await;
         assert!(seen, "restaurant not in the façade's cache");
         facade
+    }
+
+    /// A URL on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("{}{path}", self.admin)
     }
 
     /// A token minted by the binary's own `token` subcommand.
@@ -179,9 +200,13 @@ impl Facade {
         headers: &[(&str, &str)],
         body: Option<serde_json::Value>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base));
+        // A full URL (the admin listener's) or a path on the public one.
+        let uri = if path.starts_with("http://") {
+            path.to_string()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        let mut req = Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
