@@ -35,6 +35,8 @@ pub struct AppState {
     /// Deadline of a whole (non-streaming) request.
     pub request_timeout: Duration,
     pub dev_login: bool,
+    /// Open live-tracking streams per subject, capped.
+    pub streams: Arc<crate::events::Streams>,
 }
 
 /// Largest request body accepted.

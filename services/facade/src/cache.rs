@@ -9,39 +9,88 @@ use dishpatch_api::courier::Courier;
 use dishpatch_api::{Order, Restaurant};
 use dishpatch_runtime::Health;
 use futures::StreamExt;
+use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 
-/// What the Orders watch saw happen to one order.
+/// The latest the Orders watch saw of one order.
 #[derive(Clone, Debug)]
 pub enum OrderChange {
+    Unseen,
     Applied(Arc<Order>),
-    Deleted(Arc<Order>),
+    Deleted,
 }
 
-/// The three stores plus the order-change broadcast.
+/// One feed per order someone follows live: a stream wakes only when its own
+/// order changes, not on every order's change. Feeds nobody listens to any
+/// more are dropped when their order next changes or goes.
+#[derive(Default)]
+pub struct Feeds {
+    feeds: std::sync::Mutex<std::collections::HashMap<String, watch::Sender<OrderChange>>>,
+}
+
+impl Feeds {
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, watch::Sender<OrderChange>>>
+    {
+        self.feeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes of order `name` from now on.
+    pub fn subscribe(&self, name: &str) -> watch::Receiver<OrderChange> {
+        self.lock()
+            .entry(name.to_string())
+            .or_insert_with(|| watch::channel(OrderChange::Unseen).0)
+            .subscribe()
+    }
+
+    fn publish(&self, name: &str, change: OrderChange) {
+        let mut feeds = self.lock();
+        let gone = matches!(change, OrderChange::Deleted);
+        if let Some(tx) = feeds.get(name) {
+            tx.send_replace(change);
+            if gone || tx.receiver_count() == 0 {
+                feeds.remove(name);
+            }
+        }
+    }
+
+    /// Drops the feed of `name` if nobody follows it any more.
+    pub fn release(&self, name: &str) {
+        let mut feeds = self.lock();
+        if feeds.get(name).is_some_and(|tx| tx.receiver_count() == 0) {
+            feeds.remove(name);
+        }
+    }
+
+    #[cfg(test)]
+    fn followed(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// The three stores plus the per-order live feeds.
 #[derive(Clone)]
 pub struct Caches {
     pub namespace: String,
     pub orders: Store<Order>,
     pub restaurants: Store<Restaurant>,
     pub couriers: Store<Courier>,
-    pub changes: broadcast::Sender<OrderChange>,
+    pub feeds: Arc<Feeds>,
 }
-
-/// Enough for a burst of transitions; a subscriber that lags this far
-/// re-sends the current state instead (see `events`).
-const BROADCAST_CAPACITY: usize = 1024;
 
 impl Caches {
     /// Starts the watches; `health` turns ready once all three stores have
     /// listed their objects.
     pub fn start(client: &Client, namespace: &str, health: Health) -> Self {
-        let (changes, _) = broadcast::channel(BROADCAST_CAPACITY);
-        let orders = spawn_orders(Api::namespaced(client.clone(), namespace), changes.clone());
+        let feeds = Arc::new(Feeds::default());
+        let orders = spawn_orders(Api::namespaced(client.clone(), namespace), feeds.clone());
         let restaurants = spawn_plain::<Restaurant>(Api::namespaced(client.clone(), namespace));
         let couriers = spawn_plain::<Courier>(Api::namespaced(client.clone(), namespace));
         let caches = Self {
@@ -49,7 +98,7 @@ impl Caches {
             orders,
             restaurants,
             couriers,
-            changes,
+            feeds,
         };
         let ready = caches.clone();
         tokio::spawn(async move {
@@ -128,10 +177,7 @@ fn parsed(event: watcher::Event<DeserializeGuard<Order>>) -> Option<watcher::Eve
 /// The Orders watch reads every object through `DeserializeGuard`: one
 /// Order that does not parse would otherwise fail the whole list, and the
 /// cache would never fill. Such an order is skipped (and logged).
-fn spawn_orders(
-    api: Api<DeserializeGuard<Order>>,
-    changes: broadcast::Sender<OrderChange>,
-) -> Store<Order> {
+fn spawn_orders(api: Api<DeserializeGuard<Order>>, feeds: Arc<Feeds>) -> Store<Order> {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -142,12 +188,10 @@ fn spawn_orders(
         while let Some(event) = stream.next().await {
             match event {
                 Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                    // No subscribers is fine: nobody is watching right now.
-                    let _ = changes.send(OrderChange::Applied(Arc::new(o)));
+                    let name = o.name_any();
+                    feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
                 }
-                Ok(watcher::Event::Delete(o)) => {
-                    let _ = changes.send(OrderChange::Deleted(Arc::new(o)));
-                }
+                Ok(watcher::Event::Delete(o)) => feeds.publish(&o.name_any(), OrderChange::Deleted),
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "orders watch failed; retrying"),
             }
@@ -183,7 +227,37 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::rv_older;
+    use super::*;
+
+    fn order(name: &str) -> Arc<Order> {
+        Arc::new(dishpatch_testkit_free_order(name))
+    }
+
+    /// An Order object without going through fixtures (no test dependency).
+    fn dishpatch_testkit_free_order(name: &str) -> Order {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order", "metadata": {"name": name},
+            "spec": {"customer": {"id": "c", "name": "C", "contact": {"email": "c@example.com"}},
+                "restaurantRef": {"name": "r"}, "items": [{"menuItem": "pizza", "quantity": 1}],
+                "deliveryAddress": {"street": "s", "city": "c", "postalCode": "1", "country": "DE"},
+                "payment": {"token": "tok_visa"}}
+        }))
+        .unwrap_or_else(|e| panic!("order: {e}"))
+    }
+
+    #[test]
+    fn a_stream_wakes_only_for_its_own_order() {
+        let feeds = Feeds::default();
+        let a = feeds.subscribe("a");
+        feeds.publish("b", OrderChange::Applied(order("b")));
+        assert!(!a.has_changed().unwrap_or(true), "woken by another order");
+        feeds.publish("a", OrderChange::Applied(order("a")));
+        assert!(a.has_changed().unwrap_or(false));
+        assert_eq!(feeds.followed(), 1, "nobody follows b: no feed for it");
+        drop(a);
+        feeds.release("a");
+        assert_eq!(feeds.followed(), 0, "an abandoned feed is dropped");
+    }
 
     #[test]
     fn resource_version_order() {

@@ -1,15 +1,15 @@
 //! Live tracking: server-sent events pushed from the Orders watch.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
-use kube::ResourceExt;
-use tokio::sync::broadcast::{self, error::RecvError};
+use tokio::sync::watch;
 
 use crate::app::AppState;
 use crate::auth::Caller;
@@ -19,24 +19,77 @@ use crate::orders::cached_order;
 use crate::problem::{Problem, ProblemDetails};
 use crate::views::{OrderEvent, OrderEventKind, OrderView};
 
-/// Counts open streams; dropped with the stream when the client leaves.
-struct ClientGuard(Arc<Metrics>);
+/// Counts open streams, in all and per subject; dropped with the stream
+/// when the client leaves.
+struct ClientGuard {
+    metrics: Arc<Metrics>,
+    streams: Arc<Streams>,
+    subject: String,
+    feeds: Arc<crate::cache::Feeds>,
+    order: String,
+}
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
-        self.0.sse_clients.dec();
+        self.metrics.sse_clients.dec();
+        self.streams.leave(&self.subject);
+        // The tracker's receiver is dropped before its guard (field order).
+        self.feeds.release(&self.order);
+    }
+}
+
+/// Open live-tracking streams per token subject, capped: one client can't
+/// hold the façade's connections and memory with streams.
+pub struct Streams {
+    max_per_subject: usize,
+    open: Mutex<HashMap<String, usize>>,
+}
+
+impl Streams {
+    pub fn new(max_per_subject: usize) -> Self {
+        Self {
+            max_per_subject,
+            open: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a place for `subject`, or says no when it has all its places.
+    fn enter(&self, subject: &str) -> bool {
+        let mut open = self.lock();
+        let n = open.entry(subject.to_string()).or_insert(0);
+        if *n >= self.max_per_subject {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn leave(&self, subject: &str) {
+        let mut open = self.lock();
+        if let Some(n) = open.get_mut(subject) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(subject);
+            }
+        }
     }
 }
 
 struct Tracker {
     id: String,
-    rx: broadcast::Receiver<OrderChange>,
-    state: AppState,
+    rx: watch::Receiver<OrderChange>,
     /// What the client has: the last view sent (resourceVersion blanked), and its resourceVersion.
     sent: Option<OrderView>,
     sent_rv: Option<String>,
-    /// An event to send before reading the broadcast (the initial state).
+    /// An event to send before waiting for changes (the initial state).
     pending: Option<Event>,
+    /// When the caller's token expires: the stream ends then, and the
+    /// client reconnects with a fresh token (and `Last-Event-ID`).
+    expires: tokio::time::Instant,
     done: bool,
     _guard: ClientGuard,
 }
@@ -82,13 +135,24 @@ impl Tracker {
             return None;
         }
         loop {
-            match self.rx.recv().await {
-                Ok(OrderChange::Applied(o)) if o.name_any() == self.id => {
+            tokio::select! {
+                changed = self.rx.changed() => {
+                    if changed.is_err() {
+                        return None; // the feed is gone: the façade shuts down
+                    }
+                }
+                _ = tokio::time::sleep_until(self.expires) => return None,
+            }
+            // Only the latest state matters; a client that was slow skips
+            // straight to it.
+            let change = self.rx.borrow_and_update().clone();
+            match change {
+                OrderChange::Applied(o) => {
                     if let Some(e) = self.consider(&o) {
                         return Some(e);
                     }
                 }
-                Ok(OrderChange::Deleted(o)) if o.name_any() == self.id => {
+                OrderChange::Deleted => {
                     self.done = true;
                     return Some(
                         Event::default()
@@ -96,16 +160,7 @@ impl Tracker {
                             .data(format!("{{\"id\":\"{}\"}}", self.id)),
                     );
                 }
-                Ok(_) => {}
-                // Missed some changes: the cache has the latest state.
-                Err(RecvError::Lagged(_)) => {
-                    if let Some(o) = self.state.caches.order(&self.id)
-                        && let Some(e) = self.consider(&o)
-                    {
-                        return Some(e);
-                    }
-                }
-                Err(RecvError::Closed) => return None,
+                OrderChange::Unseen => {}
             }
         }
     }
@@ -117,13 +172,17 @@ impl Tracker {
 /// `id` is the order's resourceVersion and whose data is the order (as in
 /// `GET /api/v1/orders/{id}`). The current state comes first, unless the
 /// `Last-Event-ID` the client reconnects with is already the current one.
-/// An `deleted` event ends the stream when the order is deleted.
+/// A `deleted` event ends the stream when the order is deleted. The stream
+/// also ends when the caller's token expires: reconnect with a fresh one and
+/// `Last-Event-ID`. A caller holds at most a few streams at once (429).
 #[utoipa::path(get, path = "/api/v1/orders/{id}/events", tag = "orders",
     params(("id" = String, Path),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume: the id of the last event received")),
     responses((status = 200, content_type = "text/event-stream", body = OrderEvent,
         description = "Each event: `event: order`, `id: <resourceVersion>`, `data: <order JSON>` (or `event: deleted`)"),
-        (status = 404, body = ProblemDetails, content_type = "application/problem+json")),
+        (status = 404, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, body = ProblemDetails, content_type = "application/problem+json",
+            description = "Too many streams open for this caller (`--max-streams-per-subject`)")),
     security(("bearer" = [])))]
 pub async fn stream(
     State(state): State<AppState>,
@@ -133,22 +192,40 @@ pub async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Problem> {
     caller.require_customer()?;
     // Subscribe before reading the current state so no change falls between.
-    let rx = state.caches.changes.subscribe();
+    let rx = state.caches.feeds.subscribe(&id);
     let order = cached_order(&state, &caller, &id)?;
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    let subject = caller.0.sub.clone();
+    if !state.streams.enter(&subject) {
+        let mut p = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-streams",
+            "too many live-tracking streams open for this caller; close one first",
+        );
+        p.retry_after = Some(5);
+        return Err(p);
+    }
     state.metrics.sse_clients.inc();
+    let now = jiff::Timestamp::now().as_second().max(0).unsigned_abs();
+    let left = Duration::from_secs(caller.0.exp.saturating_sub(now));
     let mut tracker = Tracker {
-        id,
+        id: id.clone(),
         rx,
-        state: state.clone(),
         sent: None,
         sent_rv: None,
         pending: None,
+        expires: tokio::time::Instant::now() + left,
         done: false,
-        _guard: ClientGuard(state.metrics.clone()),
+        _guard: ClientGuard {
+            metrics: state.metrics.clone(),
+            streams: state.streams.clone(),
+            subject,
+            feeds: state.caches.feeds.clone(),
+            order: id.clone(),
+        },
     };
     let current = OrderView::from(order.as_ref());
     if last_event_id.as_deref() == Some(current.resource_version.as_str()) {

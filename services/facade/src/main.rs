@@ -112,6 +112,9 @@ struct RunConfig {
     /// Deadline of each Kubernetes API call; past it the request fails with 503.
     #[arg(long, env = "DISHPATCH_API_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     api_timeout: Duration,
+    /// Live-tracking streams one caller (token subject) may hold open at once.
+    #[arg(long, env = "DISHPATCH_MAX_STREAMS_PER_SUBJECT", default_value_t = 8)]
+    max_streams_per_subject: usize,
     /// Deadline of a whole request (not of live-tracking streams).
     #[arg(long, env = "DISHPATCH_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     request_timeout: Duration,
@@ -215,6 +218,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         api_timeout: config.api_timeout,
         request_timeout: config.request_timeout,
         dev_login: config.dev_login,
+        streams: Arc::new(events::Streams::new(config.max_streams_per_subject)),
     };
     if config.dev_login {
         tracing::warn!(

@@ -146,8 +146,13 @@ impl Facade {
 
     /// A token minted by the binary's own `token` subcommand.
     pub async fn token(&self, role: &str, sub: &str) -> String {
+        self.token_for(role, sub, "10m").await
+    }
+
+    /// A token valid for `ttl` (for example `3s`).
+    pub async fn token_for(&self, role: &str, sub: &str, ttl: &str) -> String {
         let out = Command::new(BIN)
-            .args(["token", "--role", role, "--sub", sub, "--ttl", "10m"])
+            .args(["token", "--role", role, "--sub", sub, "--ttl", ttl])
             .arg("--key-file")
             .arg(&self.key_file)
             .args(["--email", &format!("{sub}@example.com")])
@@ -274,6 +279,19 @@ impl SseReader {
         Self {
             body: response.into_body(),
             buf: String::new(),
+        }
+    }
+
+    /// Whether the server ends the stream within `timeout` (events and
+    /// keep-alives before the end are read and dropped).
+    pub async fn ends_within(&mut self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, self.body.frame()).await {
+                Err(_) => return false,
+                Ok(None | Some(Err(_))) => return true,
+                Ok(Some(Ok(_))) => {}
+            }
         }
     }
 
