@@ -2,6 +2,7 @@
 //! served from here, so a busy read path never touches the apiserver; the
 //! Orders watch also feeds the live-tracking broadcast.
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,6 +76,79 @@ impl Feeds {
     }
 }
 
+/// Where an order sorts in a list: newest first by creation time, then name.
+pub type SortKey = (i64, i32, String);
+
+pub fn sort_key(o: &Order) -> SortKey {
+    let ts = o
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_default();
+    (ts.as_second(), ts.subsec_nanosecond(), o.name_any())
+}
+
+fn write(index: &std::sync::RwLock<OrderIndex>) -> std::sync::RwLockWriteGuard<'_, OrderIndex> {
+    index
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The orders by customer, in list order, kept from the Orders watch: a
+/// customer's page costs the page, not a scan and sort of every order in
+/// the namespace.
+#[derive(Default)]
+pub struct OrderIndex {
+    by_customer: HashMap<String, BTreeSet<SortKey>>,
+    all: BTreeSet<SortKey>,
+    /// name → (customer, key), to find an order's old entry.
+    entries: HashMap<String, (String, SortKey)>,
+}
+
+impl OrderIndex {
+    fn insert(&mut self, o: &Order) {
+        self.remove(&o.name_any());
+        let key = sort_key(o);
+        let customer = o.spec.customer.id.clone();
+        self.by_customer
+            .entry(customer.clone())
+            .or_default()
+            .insert(key.clone());
+        self.all.insert(key.clone());
+        self.entries.insert(o.name_any(), (customer, key));
+    }
+
+    fn remove(&mut self, name: &str) {
+        if let Some((customer, key)) = self.entries.remove(name) {
+            self.all.remove(&key);
+            if let Some(keys) = self.by_customer.get_mut(&customer) {
+                keys.remove(&key);
+                if keys.is_empty() {
+                    self.by_customer.remove(&customer);
+                }
+            }
+        }
+    }
+
+    /// Up to `n` keys strictly older than `after` (all when `None`), newest
+    /// first: of `customer`'s orders, or of everyone's.
+    pub fn page(&self, customer: Option<&str>, after: Option<&SortKey>, n: usize) -> Vec<SortKey> {
+        let keys = match customer {
+            Some(c) => match self.by_customer.get(c) {
+                Some(keys) => keys,
+                None => return Vec::new(),
+            },
+            None => &self.all,
+        };
+        let older = match after {
+            Some(a) => keys.range(..a.clone()),
+            None => keys.range::<SortKey, _>(..),
+        };
+        older.rev().take(n).cloned().collect()
+    }
+}
+
 /// The three stores plus the per-order live feeds.
 #[derive(Clone)]
 pub struct Caches {
@@ -83,6 +157,7 @@ pub struct Caches {
     pub restaurants: Store<Restaurant>,
     pub couriers: Store<Courier>,
     pub feeds: Arc<Feeds>,
+    pub index: Arc<std::sync::RwLock<OrderIndex>>,
 }
 
 impl Caches {
@@ -90,7 +165,12 @@ impl Caches {
     /// listed their objects.
     pub fn start(client: &Client, namespace: &str, health: Health) -> Self {
         let feeds = Arc::new(Feeds::default());
-        let orders = spawn_orders(Api::namespaced(client.clone(), namespace), feeds.clone());
+        let index = Arc::new(std::sync::RwLock::new(OrderIndex::default()));
+        let orders = spawn_orders(
+            Api::namespaced(client.clone(), namespace),
+            feeds.clone(),
+            index.clone(),
+        );
         let restaurants = spawn_plain::<Restaurant>(Api::namespaced(client.clone(), namespace));
         let couriers = spawn_plain::<Courier>(Api::namespaced(client.clone(), namespace));
         let caches = Self {
@@ -99,6 +179,7 @@ impl Caches {
             restaurants,
             couriers,
             feeds,
+            index,
         };
         let ready = caches.clone();
         tokio::spawn(async move {
@@ -177,7 +258,11 @@ fn parsed(event: watcher::Event<DeserializeGuard<Order>>) -> Option<watcher::Eve
 /// The Orders watch reads every object through `DeserializeGuard`: one
 /// Order that does not parse would otherwise fail the whole list, and the
 /// cache would never fill. Such an order is skipped (and logged).
-fn spawn_orders(api: Api<DeserializeGuard<Order>>, feeds: Arc<Feeds>) -> Store<Order> {
+fn spawn_orders(
+    api: Api<DeserializeGuard<Order>>,
+    feeds: Arc<Feeds>,
+    index: Arc<std::sync::RwLock<OrderIndex>>,
+) -> Store<Order> {
     let (reader, writer) = reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
@@ -185,14 +270,34 @@ fn spawn_orders(api: Api<DeserializeGuard<Order>>, feeds: Arc<Feeds>) -> Store<O
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
+        // A relist builds a fresh index and swaps it in when complete, as
+        // the reflector does with its store.
+        let mut relisting: Option<OrderIndex> = None;
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                Ok(watcher::Event::Init) => relisting = Some(OrderIndex::default()),
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(fresh) = relisting.take() {
+                        *write(&index) = fresh;
+                    }
+                }
+                Ok(watcher::Event::InitApply(o)) => {
+                    match relisting.as_mut() {
+                        Some(fresh) => fresh.insert(&o),
+                        None => write(&index).insert(&o),
+                    }
                     let name = o.name_any();
                     feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
                 }
-                Ok(watcher::Event::Delete(o)) => feeds.publish(&o.name_any(), OrderChange::Deleted),
-                Ok(_) => {}
+                Ok(watcher::Event::Apply(o)) => {
+                    write(&index).insert(&o);
+                    let name = o.name_any();
+                    feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    write(&index).remove(&o.name_any());
+                    feeds.publish(&o.name_any(), OrderChange::Deleted);
+                }
                 Err(e) => tracing::warn!(error = %e, "orders watch failed; retrying"),
             }
         }
@@ -243,6 +348,36 @@ mod tests {
                 "payment": {"token": "tok_visa"}}
         }))
         .unwrap_or_else(|e| panic!("order: {e}"))
+    }
+
+    fn order_at(name: &str, customer: &str, second: i64) -> Order {
+        let mut o = dishpatch_testkit_free_order(name);
+        o.spec.customer.id = customer.to_string();
+        o.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::from_second(second).unwrap_or_else(|e| panic!("{e}")),
+        ));
+        o
+    }
+
+    #[test]
+    fn the_index_pages_one_customer_newest_first() {
+        let mut idx = OrderIndex::default();
+        for (i, customer) in ["ann", "bob", "ann", "ann", "bob"].iter().enumerate() {
+            idx.insert(&order_at(&format!("o{i}"), customer, 100 + i as i64));
+        }
+        let names = |keys: Vec<SortKey>| keys.into_iter().map(|k| k.2).collect::<Vec<_>>();
+        let first = idx.page(Some("ann"), None, 2);
+        assert_eq!(names(first.clone()), vec!["o3", "o2"]);
+        assert_eq!(names(idx.page(Some("ann"), first.last(), 2)), vec!["o0"]);
+        assert_eq!(
+            names(idx.page(None, None, 10)),
+            vec!["o4", "o3", "o2", "o1", "o0"]
+        );
+        // An update moves nothing twice; a delete leaves no trace.
+        idx.insert(&order_at("o3", "ann", 103));
+        idx.remove("o2");
+        assert_eq!(names(idx.page(Some("ann"), None, 10)), vec!["o3", "o0"]);
+        assert!(idx.page(Some("carl"), None, 10).is_empty());
     }
 
     #[test]
