@@ -7,12 +7,15 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
 export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
 CARGO ?= cargo
 
-.PHONY: help up down status clean test test-unit lint fmt crds build bins bench
+.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-up: bins ## Start the local platform (control plane, RabbitMQ, CRDs, operator, examples); safe to run twice
+deps: ## Install what is missing (Debian packages, Python and npm tools, control-plane binaries); idempotent
+	@hack/deps.sh
+
+up: deps bins ## Start the local platform (control plane, RabbitMQ, CRDs, operator, examples); safe to run twice
 	@hack/cluster.sh up
 	@hack/cluster.sh platform
 	@kubectl apply -f examples/restaurant.yaml -f examples/couriers.yaml >/dev/null
@@ -36,14 +39,15 @@ bins: ## Build the binaries
 build: ## Build every crate
 	$(CARGO) build --workspace --all-targets
 
-test: ## Run every test (unit, property and integration) against the real local control plane
+test: deps ## Run every test (unit, property and integration) against the real local control plane
 	@hack/cluster.sh up
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
-bench: ## Benchmarks: operator writes/order and accept rate; end-to-end throughput and latency
+bench: deps ## Benchmarks (docs/benchmarks.md): apiserver write ceiling; operator writes/order and accept rate; end-to-end throughput and latency
 	@hack/cluster.sh up
 	$(CARGO) build --release --workspace --bins
+	$(CARGO) bench -p dishpatch-e2e --bench ceiling
 	$(CARGO) bench -p dishpatch-operator --bench acceptance
 	$(CARGO) bench -p dishpatch-e2e --bench throughput
 
