@@ -43,12 +43,21 @@ impl Feeds {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Changes of order `name` from now on.
-    pub fn subscribe(&self, name: &str) -> watch::Receiver<OrderChange> {
-        self.lock()
+    /// Changes of order `name` from now on. The feed lives as long as
+    /// someone follows it: dropping the last [`Following`] drops it, so a
+    /// stream refused after subscribing (no such order, too many streams)
+    /// leaves nothing behind.
+    pub fn subscribe(self: &Arc<Self>, name: &str) -> Following {
+        let rx = self
+            .lock()
             .entry(name.to_string())
             .or_insert_with(|| watch::channel(OrderChange::Unseen).0)
-            .subscribe()
+            .subscribe();
+        Following {
+            rx: Some(rx),
+            feeds: self.clone(),
+            name: name.to_string(),
+        }
     }
 
     fn publish(&self, name: &str, change: OrderChange) {
@@ -63,7 +72,7 @@ impl Feeds {
     }
 
     /// Drops the feed of `name` if nobody follows it any more.
-    pub fn release(&self, name: &str) {
+    fn release(&self, name: &str) {
         let mut feeds = self.lock();
         if feeds.get(name).is_some_and(|tx| tx.receiver_count() == 0) {
             feeds.remove(name);
@@ -73,6 +82,40 @@ impl Feeds {
     #[cfg(test)]
     fn followed(&self) -> usize {
         self.lock().len()
+    }
+}
+
+/// One follower of an order's feed: the changes, and the feed's release
+/// when it goes.
+pub struct Following {
+    /// Always `Some` until dropped; taken in `drop` so the receiver is gone
+    /// before the feed counts its receivers.
+    rx: Option<watch::Receiver<OrderChange>>,
+    feeds: Arc<Feeds>,
+    name: String,
+}
+
+impl Following {
+    /// Waits for the next change; `None` once the feed is gone.
+    pub async fn changed(&mut self) -> Option<OrderChange> {
+        let rx = self.rx.as_mut()?;
+        rx.changed().await.ok()?;
+        // Only the latest state matters; a slow client skips straight to it.
+        Some(rx.borrow_and_update().clone())
+    }
+
+    #[cfg(test)]
+    fn has_changed(&self) -> bool {
+        self.rx
+            .as_ref()
+            .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+    }
+}
+
+impl Drop for Following {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        self.feeds.release(&self.name);
     }
 }
 
@@ -382,16 +425,33 @@ mod tests {
 
     #[test]
     fn a_stream_wakes_only_for_its_own_order() {
-        let feeds = Feeds::default();
+        let feeds = Arc::new(Feeds::default());
         let a = feeds.subscribe("a");
         feeds.publish("b", OrderChange::Applied(order("b")));
-        assert!(!a.has_changed().unwrap_or(true), "woken by another order");
+        assert!(!a.has_changed(), "woken by another order");
         feeds.publish("a", OrderChange::Applied(order("a")));
-        assert!(a.has_changed().unwrap_or(false));
+        assert!(a.has_changed());
         assert_eq!(feeds.followed(), 1, "nobody follows b: no feed for it");
         drop(a);
-        feeds.release("a");
         assert_eq!(feeds.followed(), 0, "an abandoned feed is dropped");
+    }
+
+    #[test]
+    fn a_subscription_dropped_unused_leaves_no_feed() {
+        let feeds = Arc::new(Feeds::default());
+        // A stream refused after subscribing (no such order, someone
+        // else's, too many streams) follows nothing: it must not leave a
+        // feed behind, or made-up ids would grow the map without end.
+        for i in 0..100 {
+            drop(feeds.subscribe(&format!("no-such-order-{i}")));
+        }
+        assert_eq!(feeds.followed(), 0, "refused streams left feeds behind");
+        let kept = feeds.subscribe("a");
+        let second = feeds.subscribe("a");
+        drop(second);
+        assert_eq!(feeds.followed(), 1, "a feed still followed was dropped");
+        drop(kept);
+        assert_eq!(feeds.followed(), 0);
     }
 
     #[test]

@@ -9,11 +9,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::Stream;
-use tokio::sync::watch;
 
 use crate::app::AppState;
 use crate::auth::Caller;
-use crate::cache::{OrderChange, rv_older};
+use crate::cache::{Following, OrderChange, rv_older};
 use crate::metrics::Metrics;
 use crate::orders::cached_order;
 use crate::problem::{Problem, ProblemDetails};
@@ -25,16 +24,12 @@ struct ClientGuard {
     metrics: Arc<Metrics>,
     streams: Arc<Streams>,
     subject: String,
-    feeds: Arc<crate::cache::Feeds>,
-    order: String,
 }
 
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.metrics.sse_clients.dec();
         self.streams.leave(&self.subject);
-        // The tracker's receiver is dropped before its guard (field order).
-        self.feeds.release(&self.order);
     }
 }
 
@@ -81,7 +76,7 @@ impl Streams {
 
 struct Tracker {
     id: String,
-    rx: watch::Receiver<OrderChange>,
+    rx: Following,
     /// What the client has: the last view sent (resourceVersion blanked), and its resourceVersion.
     sent: Option<OrderView>,
     sent_rv: Option<String>,
@@ -135,17 +130,13 @@ impl Tracker {
             return None;
         }
         loop {
-            tokio::select! {
-                changed = self.rx.changed() => {
-                    if changed.is_err() {
-                        return None; // the feed is gone: the façade shuts down
-                    }
-                }
+            let change = tokio::select! {
+                changed = self.rx.changed() => match changed {
+                    Some(change) => change,
+                    None => return None, // the feed is gone: the façade shuts down
+                },
                 _ = tokio::time::sleep_until(self.expires) => return None,
-            }
-            // Only the latest state matters; a client that was slow skips
-            // straight to it.
-            let change = self.rx.borrow_and_update().clone();
+            };
             match change {
                 OrderChange::Applied(o) => {
                     if let Some(e) = self.consider(&o) {
@@ -223,8 +214,6 @@ pub async fn stream(
             metrics: state.metrics.clone(),
             streams: state.streams.clone(),
             subject,
-            feeds: state.caches.feeds.clone(),
-            order: id.clone(),
         },
     };
     let current = OrderView::from(order.as_ref());
