@@ -142,6 +142,12 @@ struct TokenArgs {
     /// Phone claim (E.164).
     #[arg(long)]
     phone: Option<String>,
+    /// `iss` claim: the `--jwt-issuer` the façade checks (same variable).
+    #[arg(long, env = "DISHPATCH_JWT_ISSUER")]
+    issuer: Option<String>,
+    /// `aud` claim: the `--jwt-audience` the façade checks (same variable).
+    #[arg(long, env = "DISHPATCH_JWT_AUDIENCE")]
+    audience: Option<String>,
 }
 
 #[tokio::main]
@@ -161,7 +167,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let keys = Keys::from_file(&args.key_file)?;
+    let keys = Keys::from_file(&args.key_file)?.expecting(args.issuer, args.audience);
     let mut claims = auth::claims(&args.sub, args.role, args.ttl);
     claims.name = args.name;
     claims.email = args.email;
