@@ -279,20 +279,37 @@ pub fn rv_older(have: Option<&str>, want: Option<&str>) -> bool {
     }
 }
 
-/// An Order event with the Order parsed; `None` for one that does not parse.
-fn parsed(event: watcher::Event<DeserializeGuard<Order>>) -> Option<watcher::Event<Order>> {
+/// An Order event with the Order parsed; `None` for one that does not
+/// parse, which is skipped (and logged). Its deletion is not: the copy the
+/// cache kept from before the order broke goes with it, or a deleted order
+/// would be served, and followed, until the next relist. (A change that
+/// breaks an order leaves that last good copy in place: the order exists,
+/// and its stream should not end as if it were deleted.)
+fn parsed(
+    event: watcher::Event<DeserializeGuard<Order>>,
+    cached: &Store<Order>,
+) -> Option<watcher::Event<Order>> {
     let ok = |guard: DeserializeGuard<Order>| match guard.0 {
-        Ok(order) => Some(order),
+        Ok(order) => Ok(order),
         Err(invalid) => {
             tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error,
                 "skipping an Order that does not parse");
-            None
+            Err(invalid.metadata)
         }
     };
     Some(match event {
-        watcher::Event::Apply(g) => watcher::Event::Apply(ok(g)?),
-        watcher::Event::InitApply(g) => watcher::Event::InitApply(ok(g)?),
-        watcher::Event::Delete(g) => watcher::Event::Delete(ok(g)?),
+        watcher::Event::Apply(g) => watcher::Event::Apply(ok(g).ok()?),
+        watcher::Event::InitApply(g) => watcher::Event::InitApply(ok(g).ok()?),
+        watcher::Event::Delete(g) => watcher::Event::Delete(match ok(g) {
+            Ok(order) => order,
+            Err(meta) => {
+                let mut at = ObjectRef::new(meta.name.as_deref()?);
+                if let Some(ns) = &meta.namespace {
+                    at = at.within(ns);
+                }
+                cached.get(&at)?.as_ref().clone()
+            }
+        }),
         watcher::Event::Init => watcher::Event::Init,
         watcher::Event::InitDone => watcher::Event::InitDone,
     })
@@ -307,9 +324,10 @@ fn spawn_orders(
     index: Arc<std::sync::RwLock<OrderIndex>>,
 ) -> Store<Order> {
     let (reader, writer) = reflector::store();
+    let cached = reader.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .filter_map(|event| std::future::ready(event.map(parsed).transpose()))
+        .filter_map(move |event| std::future::ready(event.map(|e| parsed(e, &cached)).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

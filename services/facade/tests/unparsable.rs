@@ -4,8 +4,10 @@
 
 mod common;
 
-use common::{Facade, order_body};
-use hyper::StatusCode;
+use std::time::Duration;
+
+use common::{Facade, SseReader, order_body};
+use hyper::{Method, StatusCode};
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -19,6 +21,11 @@ async fn broken_order(client: kube::Client, ns: &str) {
         )
         .await
         .unwrap();
+    break_order(client, ns, "broken").await;
+}
+
+/// Makes the existing order `name` unparsable (see [`broken_order`]).
+async fn break_order(client: kube::Client, ns: &str, name: &str) {
     let untyped: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
         client,
         ns,
@@ -28,7 +35,7 @@ async fn broken_order(client: kube::Client, ns: &str) {
         "status": {"kitchen": {"state": "Queued", "estimatedReadyAt": "9999-12-31T23:59:59Z"}}});
     untyped
         .patch_status(
-            "broken",
+            name,
             &PatchParams::apply("a-broken-tool").force(),
             &Patch::Apply(&patch),
         )
@@ -64,4 +71,57 @@ async fn an_order_that_does_not_parse_breaks_nothing_else() {
         "{}",
         list.json
     );
+}
+
+#[tokio::test]
+async fn an_order_that_stops_parsing_and_goes_is_gone() {
+    let f = Facade::start("fc-unparsable-gone", &[]).await;
+    let token = f.token("customer", "cust-gone").await;
+    let placed = f
+        .post("/api/v1/orders", &token, order_body(&[("pizza", 1)]))
+        .await;
+    assert_eq!(placed.status, StatusCode::CREATED, "{}", placed.json);
+    let id = placed.json["id"].as_str().unwrap().to_string();
+    let response = f
+        .send(
+            Method::GET,
+            &format!("/api/v1/orders/{id}/events"),
+            Some(&token),
+            &[],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut sse = SseReader::new(response);
+    assert!(sse.next(Duration::from_secs(10)).await.is_some());
+
+    // Some writer breaks the order, then it is deleted: the façade can't
+    // parse what the watch says of it, but it is gone all the same.
+    let client = dishpatch_testkit::client().await.unwrap();
+    break_order(client.clone(), &f.ns.name, &id).await;
+    kube::Api::<kube::core::DynamicObject>::namespaced_with(
+        client,
+        &f.ns.name,
+        &kube::core::ApiResource::erase::<dishpatch_api::Order>(&()),
+    )
+    .delete(&id, &Default::default())
+    .await
+    .unwrap();
+
+    let (gone, last) = dishpatch_testkit::eventually(
+        Duration::from_secs(10),
+        || async { f.get(&format!("/api/v1/orders/{id}"), &token).await.status },
+        |s| *s == StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert!(gone, "a deleted order is still served: {last:?}");
+    let mut ended = false;
+    while let Some(event) = sse.next(Duration::from_secs(5)).await {
+        if event.event == "deleted" {
+            ended = true;
+            break;
+        }
+    }
+    assert!(ended, "the stream of a deleted order did not end");
 }
