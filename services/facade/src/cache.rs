@@ -294,7 +294,14 @@ fn parsed(
         Err(invalid) => {
             tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error,
                 "skipping an Order that does not parse");
-            Err(invalid.metadata)
+            // Where the cache would hold it.
+            Err(invalid.metadata.name.map(|name| {
+                let at = ObjectRef::<Order>::new(&name);
+                match &invalid.metadata.namespace {
+                    Some(ns) => at.within(ns),
+                    None => at,
+                }
+            }))
         }
     };
     Some(match event {
@@ -302,13 +309,7 @@ fn parsed(
         watcher::Event::InitApply(g) => watcher::Event::InitApply(ok(g).ok()?),
         watcher::Event::Delete(g) => watcher::Event::Delete(match ok(g) {
             Ok(order) => order,
-            Err(meta) => {
-                let mut at = ObjectRef::new(meta.name.as_deref()?);
-                if let Some(ns) = &meta.namespace {
-                    at = at.within(ns);
-                }
-                cached.get(&at)?.as_ref().clone()
-            }
+            Err(at) => cached.get(&at?)?.as_ref().clone(),
         }),
         watcher::Event::Init => watcher::Event::Init,
         watcher::Event::InitDone => watcher::Event::InitDone,
