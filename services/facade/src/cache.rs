@@ -71,6 +71,11 @@ impl Feeds {
         }
     }
 
+    /// The orders someone follows.
+    fn names(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
+    }
+
     /// Drops the feed of `name` if nobody follows it any more.
     fn release(&self, name: &str) {
         let mut feeds = self.lock();
@@ -316,6 +321,66 @@ fn parsed(
     })
 }
 
+/// Keeps the index and the live feeds in step with the Orders watch (the
+/// reflector keeps the store).
+struct Follow {
+    feeds: Arc<Feeds>,
+    index: Arc<std::sync::RwLock<OrderIndex>>,
+    /// A relist builds a fresh index and swaps it in when complete, as the
+    /// reflector does with its store.
+    relisting: Option<OrderIndex>,
+}
+
+impl Follow {
+    fn new(feeds: Arc<Feeds>, index: Arc<std::sync::RwLock<OrderIndex>>) -> Self {
+        Self {
+            feeds,
+            index,
+            relisting: None,
+        }
+    }
+
+    fn on(&mut self, event: watcher::Event<Order>) {
+        match event {
+            watcher::Event::Init => self.relisting = Some(OrderIndex::default()),
+            watcher::Event::InitDone => {
+                if let Some(fresh) = self.relisting.take() {
+                    // An order deleted while the watch was down never gets
+                    // a Delete event: the relist is the only news of it, and
+                    // its streams would otherwise wait for good.
+                    let gone: Vec<String> = self
+                        .feeds
+                        .names()
+                        .into_iter()
+                        .filter(|name| !fresh.entries.contains_key(name))
+                        .collect();
+                    *write(&self.index) = fresh;
+                    for name in gone {
+                        self.feeds.publish(&name, OrderChange::Deleted);
+                    }
+                }
+            }
+            watcher::Event::InitApply(o) => {
+                match self.relisting.as_mut() {
+                    Some(fresh) => fresh.insert(&o),
+                    None => write(&self.index).insert(&o),
+                }
+                let name = o.name_any();
+                self.feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
+            }
+            watcher::Event::Apply(o) => {
+                write(&self.index).insert(&o);
+                let name = o.name_any();
+                self.feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
+            }
+            watcher::Event::Delete(o) => {
+                write(&self.index).remove(&o.name_any());
+                self.feeds.publish(&o.name_any(), OrderChange::Deleted);
+            }
+        }
+    }
+}
+
 /// The Orders watch reads every object through `DeserializeGuard`: one
 /// Order that does not parse would otherwise fail the whole list, and the
 /// cache would never fill. Such an order is skipped (and logged).
@@ -332,34 +397,10 @@ fn spawn_orders(
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
-        // A relist builds a fresh index and swaps it in when complete, as
-        // the reflector does with its store.
-        let mut relisting: Option<OrderIndex> = None;
+        let mut follow = Follow::new(feeds, index);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(watcher::Event::Init) => relisting = Some(OrderIndex::default()),
-                Ok(watcher::Event::InitDone) => {
-                    if let Some(fresh) = relisting.take() {
-                        *write(&index) = fresh;
-                    }
-                }
-                Ok(watcher::Event::InitApply(o)) => {
-                    match relisting.as_mut() {
-                        Some(fresh) => fresh.insert(&o),
-                        None => write(&index).insert(&o),
-                    }
-                    let name = o.name_any();
-                    feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
-                }
-                Ok(watcher::Event::Apply(o)) => {
-                    write(&index).insert(&o);
-                    let name = o.name_any();
-                    feeds.publish(&name, OrderChange::Applied(Arc::new(o)));
-                }
-                Ok(watcher::Event::Delete(o)) => {
-                    write(&index).remove(&o.name_any());
-                    feeds.publish(&o.name_any(), OrderChange::Deleted);
-                }
+                Ok(event) => follow.on(event),
                 Err(e) => tracing::warn!(error = %e, "orders watch failed; retrying"),
             }
         }
@@ -471,6 +512,37 @@ mod tests {
         assert_eq!(feeds.followed(), 1, "a feed still followed was dropped");
         drop(kept);
         assert_eq!(feeds.followed(), 0);
+    }
+
+    #[test]
+    fn an_order_gone_while_the_watch_was_down_ends_its_streams() {
+        let feeds = Arc::new(Feeds::default());
+        let index = Arc::new(std::sync::RwLock::new(OrderIndex::default()));
+        let mut follow = Follow::new(feeds.clone(), index.clone());
+        follow.on(watcher::Event::Init);
+        follow.on(watcher::Event::InitApply(order_at("a", "ann", 1)));
+        follow.on(watcher::Event::InitApply(order_at("b", "ann", 2)));
+        follow.on(watcher::Event::InitDone);
+        let mut a = feeds.subscribe("a");
+        let mut b = feeds.subscribe("b");
+        // The watch broke; `a` was deleted meanwhile, so the relist has
+        // only `b`: no Delete event ever comes for `a`.
+        follow.on(watcher::Event::Init);
+        follow.on(watcher::Event::InitApply(order_at("b", "ann", 2)));
+        follow.on(watcher::Event::InitDone);
+        let names = |keys: Vec<SortKey>| keys.into_iter().map(|k| k.2).collect::<Vec<_>>();
+        let page = index
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .page(Some("ann"), None, 10);
+        assert_eq!(names(page), vec!["b"]);
+        // What a stream would see next, without waiting.
+        let now = |f: &mut Following| futures::FutureExt::now_or_never(f.changed()).flatten();
+        assert!(
+            matches!(now(&mut a), Some(OrderChange::Deleted)),
+            "the stream of an order deleted during the gap waits forever"
+        );
+        assert!(matches!(now(&mut b), Some(OrderChange::Applied(_))));
     }
 
     #[test]
