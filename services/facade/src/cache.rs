@@ -179,9 +179,17 @@ impl OrderIndex {
         }
     }
 
-    /// Up to `n` keys strictly older than `after` (all when `None`), newest
-    /// first: of `customer`'s orders, or of everyone's.
-    pub fn page(&self, customer: Option<&str>, after: Option<&SortKey>, n: usize) -> Vec<SortKey> {
+    /// Up to `n` orders strictly older than `after` (all when `None`),
+    /// newest first: of `customer`'s orders, or of everyone's. `get` reads
+    /// an order from the store; one it does not return (the store and the
+    /// index are updated one after the other) is passed over.
+    pub fn page<T>(
+        &self,
+        customer: Option<&str>,
+        after: Option<&SortKey>,
+        n: usize,
+        get: impl Fn(&SortKey) -> Option<T>,
+    ) -> Vec<(SortKey, T)> {
         let keys = match customer {
             Some(c) => match self.by_customer.get(c) {
                 Some(keys) => keys,
@@ -193,7 +201,11 @@ impl OrderIndex {
             Some(a) => keys.range(..a.clone()),
             None => keys.range::<SortKey, _>(..),
         };
-        older.rev().take(n).cloned().collect()
+        older
+            .rev()
+            .filter_map(|k| get(k).map(|o| (k.clone(), o)))
+            .take(n)
+            .collect()
     }
 }
 
@@ -468,19 +480,44 @@ mod tests {
         for (i, customer) in ["ann", "bob", "ann", "ann", "bob"].iter().enumerate() {
             idx.insert(&order_at(&format!("o{i}"), customer, 100 + i as i64));
         }
-        let names = |keys: Vec<SortKey>| keys.into_iter().map(|k| k.2).collect::<Vec<_>>();
-        let first = idx.page(Some("ann"), None, 2);
+        let all = |k: &SortKey| Some(k.2.clone());
+        let names =
+            |keys: Vec<(SortKey, String)>| keys.into_iter().map(|k| k.1).collect::<Vec<_>>();
+        let first = idx.page(Some("ann"), None, 2, all);
         assert_eq!(names(first.clone()), vec!["o3", "o2"]);
-        assert_eq!(names(idx.page(Some("ann"), first.last(), 2)), vec!["o0"]);
+        let last = first.last().map(|(k, _)| k.clone());
         assert_eq!(
-            names(idx.page(None, None, 10)),
+            names(idx.page(Some("ann"), last.as_ref(), 2, all)),
+            vec!["o0"]
+        );
+        assert_eq!(
+            names(idx.page(None, None, 10, all)),
             vec!["o4", "o3", "o2", "o1", "o0"]
         );
         // An update moves nothing twice; a delete leaves no trace.
         idx.insert(&order_at("o3", "ann", 103));
         idx.remove("o2");
-        assert_eq!(names(idx.page(Some("ann"), None, 10)), vec!["o3", "o0"]);
-        assert!(idx.page(Some("carl"), None, 10).is_empty());
+        assert_eq!(
+            names(idx.page(Some("ann"), None, 10, all)),
+            vec!["o3", "o0"]
+        );
+        assert!(idx.page(Some("carl"), None, 10, all).is_empty());
+    }
+
+    #[test]
+    fn a_page_is_full_even_when_the_store_lags_the_index() {
+        let mut idx = OrderIndex::default();
+        for i in 0..4 {
+            idx.insert(&order_at(&format!("o{i}"), "ann", 100 + i));
+        }
+        // o3 is in the index but not (yet, or any more) in the store.
+        let stored = |k: &SortKey| (k.2 != "o3").then(|| k.2.clone());
+        let page = idx.page(Some("ann"), None, 2, stored);
+        assert_eq!(
+            page.into_iter().map(|k| k.1).collect::<Vec<_>>(),
+            vec!["o2", "o1"],
+            "a short page: the client would stop before o1 and o0"
+        );
     }
 
     #[test]
@@ -530,11 +567,12 @@ mod tests {
         follow.on(watcher::Event::Init);
         follow.on(watcher::Event::InitApply(order_at("b", "ann", 2)));
         follow.on(watcher::Event::InitDone);
-        let names = |keys: Vec<SortKey>| keys.into_iter().map(|k| k.2).collect::<Vec<_>>();
+        let names =
+            |keys: Vec<(SortKey, String)>| keys.into_iter().map(|k| k.1).collect::<Vec<_>>();
         let page = index
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .page(Some("ann"), None, 10);
+            .page(Some("ann"), None, 10, |k| Some(k.2.clone()));
         assert_eq!(names(page), vec!["b"]);
         // What a stream would see next, without waiting.
         let now = |f: &mut Following| futures::FutureExt::now_or_never(f.changed()).flatten();

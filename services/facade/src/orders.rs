@@ -338,19 +338,14 @@ pub async fn list(
     };
     // From the index: the caller's orders only (an admin's: everyone's).
     let customer = (!caller.is_admin()).then_some(caller.0.sub.as_str());
-    let keys = state
+    let mut mine = state
         .caches
         .index
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .page(customer, after.as_ref(), limit as usize + 1);
-    let mut mine: Vec<_> = keys
-        .into_iter()
-        .filter_map(|k| {
-            let o = state.caches.order(&k.2)?;
-            visible(&caller, &o).then_some((k, o))
-        })
-        .collect();
+        .page(customer, after.as_ref(), limit as usize + 1, |k| {
+            state.caches.order(&k.2).filter(|o| visible(&caller, o))
+        });
     let more = mine.len() > limit as usize;
     mine.truncate(limit as usize);
     let continue_ = if more {
