@@ -112,9 +112,10 @@ struct RunConfig {
     /// Deadline of each Kubernetes API call; past it the request fails with 503.
     #[arg(long, env = "DISHPATCH_API_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     api_timeout: Duration,
-    /// Live-tracking streams one caller (token subject) may hold open at once.
-    #[arg(long, env = "DISHPATCH_MAX_STREAMS_PER_SUBJECT", default_value_t = 8)]
-    max_streams_per_subject: usize,
+    /// Live-tracking streams one caller (token subject) may hold open at once (at least 1).
+    #[arg(long, env = "DISHPATCH_MAX_STREAMS_PER_SUBJECT", default_value_t = 8,
+        value_parser = clap::value_parser!(u32).range(1..))]
+    max_streams_per_subject: u32,
     /// Deadline of a whole request (not of live-tracking streams).
     #[arg(long, env = "DISHPATCH_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     request_timeout: Duration,
@@ -224,7 +225,9 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         api_timeout: config.api_timeout,
         request_timeout: config.request_timeout,
         dev_login: config.dev_login,
-        streams: Arc::new(events::Streams::new(config.max_streams_per_subject)),
+        streams: Arc::new(events::Streams::new(
+            usize::try_from(config.max_streams_per_subject).unwrap_or(usize::MAX),
+        )),
     };
     if config.dev_login {
         tracing::warn!(
@@ -254,5 +257,25 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     match admin.await {
         Ok(Err(e)) => Err(anyhow::anyhow!("admin listener: {e}")),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parses(args: &[&str]) -> bool {
+        let base = ["dishpatch-facade", "run", "--jwt-key-file", "/dev/null"];
+        Cli::try_parse_from(base.iter().chain(args)).is_ok()
+    }
+
+    #[test]
+    fn a_stream_cap_of_zero_is_refused() {
+        // Zero would turn every live-tracking request into a 429.
+        assert!(parses(&["--max-streams-per-subject", "1"]));
+        assert!(
+            !parses(&["--max-streams-per-subject", "0"]),
+            "--max-streams-per-subject 0 was accepted"
+        );
     }
 }
