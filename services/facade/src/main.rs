@@ -235,7 +235,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         );
     }
     let router = app::router(state);
-    let admin = tokio::spawn(dishpatch_runtime::serve(
+    let mut admin = tokio::spawn(dishpatch_runtime::serve(
         config.admin_addr,
         dishpatch_runtime::admin_router(health, Arc::new(registry), None),
         shutdown.clone(),
@@ -245,18 +245,31 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(addr = %config.listen, namespace = %config.namespace, "serving the façade");
-    axum::serve(
+    let public = axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
         let _ = shutdown.wait_for(|stop| *stop).await;
     })
-    .await
-    .context("serving")?;
-    match admin.await {
-        Ok(Err(e)) => Err(anyhow::anyhow!("admin listener: {e}")),
-        _ => Ok(()),
+    .into_future();
+    let mut public = std::pin::pin!(public);
+    tokio::select! {
+        served = &mut public => {
+            served.context("serving")?;
+            match admin.await {
+                Ok(Err(e)) => Err(anyhow::anyhow!("admin listener: {e}")),
+                _ => Ok(()),
+            }
+        }
+        // Probes and metrics are only on the admin listener: without it
+        // the façade can't be watched or restarted, so it stops instead.
+        stopped = &mut admin => match stopped {
+            Ok(Err(e)) => Err(anyhow::anyhow!("admin listener: {e}")),
+            Err(e) => Err(anyhow::anyhow!("admin listener: {e}")),
+            // It stopped for shutdown: the public one finishes its requests.
+            Ok(Ok(())) => public.await.context("serving"),
+        },
     }
 }
 
