@@ -296,24 +296,27 @@ pub fn rv_older(have: Option<&str>, want: Option<&str>) -> bool {
     }
 }
 
-/// An Order event with the Order parsed; `None` for one that does not
-/// parse, which is skipped (and logged). Its deletion is not: the copy the
-/// cache kept from before the order broke goes with it, or a deleted order
+/// A watch event with its object parsed; `None` for an object that does
+/// not parse, which is skipped (and logged). Its deletion is not: the copy
+/// the cache kept from before it broke goes with it, or a deleted order
 /// would be served, and followed, until the next relist. (A change that
-/// breaks an order leaves that last good copy in place: the order exists,
+/// breaks an object leaves that last good copy in place: an order exists,
 /// and its stream should not end as if it were deleted.)
-fn parsed(
-    event: watcher::Event<DeserializeGuard<Order>>,
-    cached: &Store<Order>,
-) -> Option<watcher::Event<Order>> {
-    let ok = |guard: DeserializeGuard<Order>| match guard.0 {
-        Ok(order) => Ok(order),
+fn parsed<K>(
+    event: watcher::Event<DeserializeGuard<K>>,
+    cached: &Store<K>,
+) -> Option<watcher::Event<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone,
+{
+    let ok = |guard: DeserializeGuard<K>| match guard.0 {
+        Ok(object) => Ok(object),
         Err(invalid) => {
-            tracing::warn!(name = ?invalid.metadata.name, error = %invalid.error,
-                "skipping an Order that does not parse");
+            tracing::warn!(kind = %K::kind(&()), name = ?invalid.metadata.name,
+                error = %invalid.error, "skipping an object that does not parse");
             // Where the cache would hold it.
             Err(invalid.metadata.name.map(|name| {
-                let at = ObjectRef::<Order>::new(&name);
+                let at = ObjectRef::<K>::new(&name);
                 match &invalid.metadata.namespace {
                     Some(ns) => at.within(ns),
                     None => at,
@@ -325,7 +328,7 @@ fn parsed(
         watcher::Event::Apply(g) => watcher::Event::Apply(ok(g).ok()?),
         watcher::Event::InitApply(g) => watcher::Event::InitApply(ok(g).ok()?),
         watcher::Event::Delete(g) => watcher::Event::Delete(match ok(g) {
-            Ok(order) => order,
+            Ok(object) => object,
             Err(at) => cached.get(&at?)?.as_ref().clone(),
         }),
         watcher::Event::Init => watcher::Event::Init,
@@ -420,7 +423,10 @@ fn spawn_orders(
     reader
 }
 
-fn spawn_plain<K>(api: Api<K>) -> Store<K>
+/// Restaurants and Couriers are watched through `DeserializeGuard` too:
+/// one that does not parse would fail the list, and the façade would never
+/// become ready.
+fn spawn_plain<K>(api: Api<DeserializeGuard<K>>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -431,8 +437,10 @@ where
         + 'static,
 {
     let (reader, writer) = reflector::store();
+    let cached = reader.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
+        .filter_map(move |event| std::future::ready(event.map(|e| parsed(e, &cached)).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);

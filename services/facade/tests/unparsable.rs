@@ -125,3 +125,47 @@ async fn an_order_that_stops_parsing_and_goes_is_gone() {
     }
     assert!(ended, "the stream of a deleted order did not end");
 }
+
+/// A Courier whose offer expires past the largest timestamp the Rust types
+/// hold (the schema only says date-time).
+async fn broken_courier(client: kube::Client, ns: &str) {
+    let untyped: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
+        client,
+        ns,
+        &kube::core::ApiResource::erase::<dishpatch_api::Courier>(&()),
+    );
+    let courier: kube::core::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "dishpatch.dev/v1alpha1", "kind": "Courier",
+        "metadata": {"name": "broken"},
+        "spec": {"displayName": "Broken", "zone": "mitte", "onShift": true, "vehicle": "Bicycle"}
+    }))
+    .unwrap();
+    untyped
+        .create(&PostParams::default(), &courier)
+        .await
+        .unwrap();
+    let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Courier",
+        "status": {"offer": {"order": "o-1", "expiresAt": "9999-12-31T23:59:59Z"}}});
+    untyped
+        .patch_status(
+            "broken",
+            &PatchParams::apply("a-broken-tool").force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_courier_that_does_not_parse_breaks_nothing_else() {
+    // Facade::start waits for readiness, which needs every cache listed.
+    let f = Facade::start_with("fc-unparsable-cour", &[], |client, ns| async move {
+        broken_courier(client, &ns).await
+    })
+    .await;
+    let token = f.token("customer", "cust-cour").await;
+    let placed = f
+        .post("/api/v1/orders", &token, order_body(&[("pizza", 1)]))
+        .await;
+    assert_eq!(placed.status, StatusCode::CREATED, "{}", placed.json);
+}
