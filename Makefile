@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
 export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
 CARGO ?= cargo
 
-.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench
+.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench images
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,10 @@ bench: deps ## Benchmarks (docs/benchmarks.md): apiserver write ceiling; operato
 	$(CARGO) bench -p dishpatch-e2e --bench ceiling
 	$(CARGO) bench -p dishpatch-operator --bench acceptance
 	$(CARGO) bench -p dishpatch-e2e --bench throughput
+
+images: ## Container images, one per component, tagged from git (docs/images.md)
+	$(CARGO) build --release --workspace --bins
+	@hack/images.sh build
 
 test-unit: ## Run only the tests that need no control plane
 	$(CARGO) test --workspace --lib --bins
