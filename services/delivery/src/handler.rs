@@ -19,6 +19,7 @@ use dishpatch_messaging::trace;
 use dishpatch_worker::{HandleError, Handler, OrderAccess};
 use jiff::Timestamp;
 use kube::api::Api;
+use kube::core::DeserializeGuard;
 use kube::{Client, ResourceExt};
 use tokio::sync::{OwnedMutexGuard, watch};
 
@@ -500,7 +501,8 @@ impl Dispatcher {
     /// The order is gone: free couriers still pointing at its name, unless a
     /// new order took that name.
     async fn free_orphans(&self, r: &OrderRef) -> Result<(), HandleError> {
-        let orders: Api<Order> = Api::namespaced(self.client(), &r.namespace);
+        // Existence is all this asks, so an Order that does not parse counts.
+        let orders: Api<DeserializeGuard<Order>> = Api::namespaced(self.client(), &r.namespace);
         if orders.get_opt(&r.name).await?.is_some() {
             return Ok(());
         }
@@ -903,7 +905,9 @@ impl Dispatcher {
                 }
             }
             let Some(s) = &c.status else { continue };
-            let orders: Api<Order> = Api::namespaced(self.client(), &namespace);
+            // Through DeserializeGuard: one Order that does not parse must
+            // not abort the sweep for every courier listed after its own.
+            let orders: Api<DeserializeGuard<Order>> = Api::namespaced(self.client(), &namespace);
             let pointed: Vec<String> = s
                 .current_order
                 .iter()
@@ -911,7 +915,17 @@ impl Dispatcher {
                 .chain(s.offer.as_ref().map(|o| o.order.clone()))
                 .collect();
             for order_name in pointed {
-                let order = orders.get_opt(&order_name).await?;
+                let order = match orders.get_opt(&order_name).await? {
+                    None => None,
+                    Some(DeserializeGuard(Ok(order))) => Some(order),
+                    Some(DeserializeGuard(Err(invalid))) => {
+                        // Nobody can tell what it needs: leave its courier be
+                        // until the order is fixed or deleted.
+                        tracing::warn!(courier = %name, order = %order_name, error = %invalid.error,
+                            "a courier points at an Order that does not parse; leaving it");
+                        continue;
+                    }
+                };
                 let section = order.as_ref().and_then(delivery);
                 let done = order.is_none()
                     || section.is_some_and(|d| {
