@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the real control-plane binaries (etcd, kube-apiserver,
-# kube-controller-manager), stripe-mock and helm from their published Go
-# modules, once per version, into a cache outside the clone.
-# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|stripe-mock|helm|all|path NAME]
+# kube-controller-manager), the node's (kubelet, kube-scheduler, kube-proxy,
+# CoreDNS), stripe-mock and helm from their published Go modules, once per
+# version, into a cache outside the clone.
+# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|kubelet|kube-scheduler|kube-proxy|coredns|stripe-mock|helm|all|node|path NAME]
 set -euo pipefail
 
 # Kubernetes minor must match the k8s-openapi feature in Cargo.toml (v1_33).
@@ -10,6 +11,7 @@ KUBE_VERSION="${KUBE_VERSION:-v1.33.13}"
 ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
 HELM_VERSION="${HELM_VERSION:-v3.19.0}"
 STRIPE_MOCK_VERSION="${STRIPE_MOCK_VERSION:-v0.203.0}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
 CACHE="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
@@ -72,6 +74,11 @@ build_helm() {
   go_build_from_module "$BIN/helm-$HELM_VERSION" helm.sh/helm/v3 "$HELM_VERSION" helm.sh/helm/v3/cmd/helm
 }
 
+# CoreDNS for the node's cluster DNS (hack/node.sh runs it as a Deployment).
+build_coredns() {
+  go_build_from_module "$BIN/coredns-$COREDNS_VERSION" github.com/coredns/coredns "$COREDNS_VERSION" github.com/coredns/coredns
+}
+
 # Stripe's own mock of its API, for testing the Stripe adapter.
 build_stripe_mock() {
   go_build_from_module "$BIN/stripe-mock-$STRIPE_MOCK_VERSION" github.com/stripe/stripe-mock "$STRIPE_MOCK_VERSION" github.com/stripe/stripe-mock
@@ -80,7 +87,8 @@ build_stripe_mock() {
 path_of() {
   case $1 in
     etcd) echo "$BIN/etcd-$ETCD_VERSION" ;;
-    kube-apiserver | kube-controller-manager) echo "$BIN/$1-$KUBE_VERSION" ;;
+    kube-apiserver | kube-controller-manager | kubelet | kube-scheduler | kube-proxy) echo "$BIN/$1-$KUBE_VERSION" ;;
+    coredns) echo "$BIN/coredns-$COREDNS_VERSION" ;;
     helm) echo "$BIN/helm-$HELM_VERSION" ;;
     stripe-mock) echo "$BIN/stripe-mock-$STRIPE_MOCK_VERSION" ;;
   esac
@@ -88,10 +96,13 @@ path_of() {
 
 case "${1:-all}" in
   etcd) build_etcd ;;
-  kube-apiserver | kube-controller-manager) build_kube "$1" ;;
+  kube-apiserver | kube-controller-manager | kubelet | kube-scheduler | kube-proxy) build_kube "$1" ;;
+  coredns) build_coredns ;;
+  node) build_kube kubelet; build_kube kube-scheduler; build_kube kube-proxy; build_coredns ;;
   helm) build_helm ;;
   stripe-mock) build_stripe_mock ;;
   path) path_of "${2:?name}" ;;
+  version) case "${2:?kube|coredns}" in kube) echo "$KUBE_VERSION" ;; coredns) echo "$COREDNS_VERSION" ;; esac ;;
   all) build_etcd; build_kube kube-apiserver; build_kube kube-controller-manager; build_stripe_mock ;;
-  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|stripe-mock|helm|all|path NAME]" >&2; exit 2 ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|kubelet|kube-scheduler|kube-proxy|coredns|stripe-mock|helm|all|node|path NAME]" >&2; exit 2 ;;
 esac
