@@ -45,7 +45,17 @@ start() { # start NAME CMD...: detached, logging to .dev/logs/NAME.log
   mkdir -p "$LOGS" "$RUN"
   setsid "$@" >>"$LOGS/$name.log" 2>&1 </dev/null &
   echo $! >"$RUN/$name.pid"
+  printf '%s\n' "$*" >"$RUN/$name.args"
   log "started $name (pid $!, log $LOGS/$name.log)"
+}
+
+restart_if_changed() { # restart_if_changed NAME CMD...: a daemon started with other flags (an older checkout) is stopped
+  local name=$1; shift
+  running "$name" || return 0
+  if [ "$(cat "$RUN/$name.args" 2>/dev/null)" != "$*" ]; then
+    log "$name runs with other flags; restarting it"
+    stop "$name"
+  fi
 }
 
 wait_for() { # wait_for WHAT SECONDS CMD...
@@ -85,6 +95,23 @@ pki() {
     issue controller-manager "/CN=system:kube-controller-manager"
     openssl genrsa -out sa.key 2048 2>/dev/null
     openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+  )
+}
+
+# Certificates added after .dev/ was first made: issued when missing.
+pki_extra() {
+  [ -f "$PKI/apiserver-kubelet-client.crt" ] && return 0
+  (
+    cd "$PKI"
+    # The apiserver's identity towards kubelets (logs, exec): authorized by
+    # the kubelet's webhook like any other user.
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+      -keyout apiserver-kubelet-client.key -out apiserver-kubelet-client.csr 2>/dev/null
+    printf 'extendedKeyUsage=clientAuth\n' >apiserver-kubelet-client.ext
+    openssl x509 -req -in apiserver-kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
+      -extfile apiserver-kubelet-client.ext -out apiserver-kubelet-client.crt 2>/dev/null
+    rm -f apiserver-kubelet-client.csr apiserver-kubelet-client.ext
   )
 }
 
@@ -128,6 +155,7 @@ up() {
   apiserver=$("$ROOT/hack/tools.sh" path kube-apiserver)
   kcm=$("$ROOT/hack/tools.sh" path kube-controller-manager)
   pki
+  pki_extra
   mkdir -p "$DEV/etcd" "$LOGS" "$RUN"
 
   if ! running etcd; then
@@ -140,38 +168,52 @@ up() {
   fi
   wait_for etcd 30 curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health"
 
-  # No endpoint reconciler: the "kubernetes" Service can't point at loopback,
-  # and nothing in-cluster needs to reach the apiserver through it.
-  if ! running kube-apiserver; then
-    port_busy "$APISERVER_PORT" && die "port $APISERVER_PORT is taken by another process (set DISHPATCH_APISERVER_PORT)"
-    start kube-apiserver "$apiserver" \
-      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
-      --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-      --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
-      --client-ca-file "$PKI/ca.crt" --anonymous-auth=false \
-      --authorization-mode RBAC \
-      --service-account-issuer https://kubernetes.default.svc.cluster.local \
-      --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-      --service-cluster-ip-range "$SERVICE_CIDR" \
-      --cert-dir "$DEV/apiserver-certs" \
-      --endpoint-reconciler-type none \
+  # No endpoint reconciler: the "kubernetes" Service can't point at loopback;
+  # hack/node.sh points it at the node's bridge address when a node runs.
+  # Node authorization and NodeRestriction confine a kubelet to its own node;
+  # the apiserver reaches kubelets (logs, exec) with its own client
+  # certificate and checks theirs against the cluster CA.
+  local apiserver_args=(
+      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT"
+      --etcd-servers "http://127.0.0.1:$ETCD_PORT"
+      --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key"
+      --client-ca-file "$PKI/ca.crt" --anonymous-auth=false
+      --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+      --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$PKI/ca.crt"
+      --kubelet-preferred-address-types InternalIP
+      --service-account-issuer https://kubernetes.default.svc.cluster.local
+      --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key"
+      --service-cluster-ip-range "$SERVICE_CIDR"
+      --cert-dir "$DEV/apiserver-certs"
+      --endpoint-reconciler-type none
       --profiling=false --v=1
+  )
+  restart_if_changed kube-apiserver "$apiserver" "${apiserver_args[@]}"
+  if ! running kube-apiserver; then
+    wait_for "port $APISERVER_PORT to be free" 30 bash -c "! (exec 3<>/dev/tcp/127.0.0.1/$APISERVER_PORT)"
+    start kube-apiserver "$apiserver" "${apiserver_args[@]}"
   fi
   wait_for kube-apiserver 90 apiserver_ready
 
   write_kubeconfig "$KUBECONFIG_PATH" admin dishpatch-admin
   write_kubeconfig "$DEV/controller-manager.kubeconfig" controller-manager system:kube-controller-manager
 
-  if ! running kube-controller-manager; then
-    # Only the controllers a cluster without nodes needs: namespace deletion,
-    # garbage collection of owned objects, and service account tokens. Each
-    # controller acts as its own service account, as in a real cluster.
-    start kube-controller-manager "$kcm" \
-      --kubeconfig "$DEV/controller-manager.kubeconfig" \
-      --controllers namespace-controller,garbage-collector-controller,serviceaccount-controller,serviceaccount-token-controller \
-      --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
-      --use-service-account-credentials \
+  # Every default controller (deployments, replicasets, statefulsets,
+  # endpoints and endpoint slices, service accounts, node lifecycle, garbage
+  # collection, namespaces, ...) so a node (hack/node.sh) runs real workloads.
+  # Each controller acts as its own service account, as in a real cluster.
+  local kcm_args=(
+      --kubeconfig "$DEV/controller-manager.kubeconfig"
+      --controllers '*'
+      --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt"
+      --use-service-account-credentials
       --leader-elect=false --secure-port 0 --v=1
+  )
+  restart_if_changed kube-controller-manager "$kcm" "${kcm_args[@]}"
+  if ! running kube-controller-manager; then
+    start kube-controller-manager "$kcm" "${kcm_args[@]}"
   fi
 
   export KUBECONFIG="$KUBECONFIG_PATH"
