@@ -10,6 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::{Bed, RESTAURANT};
+use dishpatch_api::order::DeliveryState;
 use dishpatch_testkit::fixtures;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -97,4 +98,30 @@ async fn a_courier_on_an_unparsable_order_does_not_stop_the_courier_sweep() {
     })
     .await;
     assert!(d.child.try_wait().unwrap().is_none(), "delivery exited");
+}
+
+/// Start-up recovery reads every delivery under way; one Order that does not
+/// parse must not hide the others from a restarted service.
+#[tokio::test]
+async fn a_restarted_service_resumes_deliveries_past_an_unparsable_order() {
+    let bed = Bed::new("dlv-unparsable-resume").await;
+    bed.restaurant().await;
+    bed.courier("ada", true).await;
+    unparsable_order(&bed, "broken").await;
+    let args = ["--pickup-time", "2s", "--travel-time", "1s"];
+    let mut first = bed.delivery(&args).await;
+    let o = bed.ready_order("o1").await;
+    bed.kitchen_ready(&o).await;
+    bed.wait_order("o1", Duration::from_secs(10), "assigned", |o| {
+        common::state(o) == Some(DeliveryState::Assigned)
+    })
+    .await;
+    first.child.kill().await.unwrap();
+
+    // Nothing publishes kitchen.ready again: the new process must find o1 itself.
+    let _second = bed.delivery(&args).await;
+    bed.wait_order("o1", Duration::from_secs(15), "delivered", |o| {
+        common::state(o) == Some(DeliveryState::Delivered)
+    })
+    .await;
 }
