@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
 export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
 CARGO ?= cargo
 
-.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench images
+.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench images node-up node-down node-load node-status test-node
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,22 @@ bench: deps ## Benchmarks (docs/benchmarks.md): apiserver write ceiling; operato
 images: ## Container images, one per component, tagged from git (docs/images.md)
 	$(CARGO) build --release --workspace --bins
 	@hack/images.sh build
+
+node-up: ## A real single node on this machine (kubelet, containerd, CoreDNS) joined to the control plane (hack/node.sh); needs root
+	@hack/deps.sh
+	@hack/node.sh up
+
+node-load: ## Import the `make images` images into the node's containerd (like `kind load docker-image`)
+	@hack/node.sh load
+
+node-down: ## Stop the node and remove its iptables rules, bridge and mounts
+	@hack/node.sh down
+
+node-status: ## Show what the node runs
+	@hack/node.sh status
+
+test-node: ## The node test: node-up, images, node-load, then each image as a restricted pod (e2e/node/test.sh)
+	@e2e/node/test.sh
 
 test-unit: ## Run only the tests that need no control plane
 	$(CARGO) test --workspace --lib --bins

@@ -24,6 +24,10 @@ log() { echo "tools: $*" >&2; }
 go_build_from_module() {
   local out=$1 module=$2 version=$3 pkg=$4 replaces=${5:-} ldflags=${6:-}
   [ -x "$out" ] && return 0
+  # One build per binary at a time (`make up` and `make node-up` may race).
+  exec 9>"$out.lock"
+  flock 9
+  [ -x "$out" ] && return 0
   local work
   work=$(mktemp -d)
   cat >"$work/go.mod" <<MOD
