@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# The Helm chart and kind-config.yaml, tested in layers (docs/helm.md):
+#
+#   e2e/helm/test.sh static   kind-config.yaml through kind's own loader; helm lint --strict;
+#                             values the schema must refuse; CRDs rendered = crds/
+#   e2e/helm/test.sh server   + helm template | kubectl apply --dry-run=server against the
+#                             local apiserver (hack/cluster.sh up); helm install (no pods
+#                             needed) and the RBAC table with kubectl auth can-i; uninstall
+#                             leaves the CRDs
+#   e2e/helm/test.sh node     on the real node (make node-up && make images && make node-load):
+#                             install --wait under `restricted`, helm test, examples/ in another
+#                             namespace, upgrade with 20 orders in flight, leader failover,
+#                             uninstall keeps CRDs and Orders
+#   e2e/helm/test.sh all      static, server, node (default: static server)
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$ROOT"
+export KUBECONFIG="${KUBECONFIG:-$ROOT/.dev/kubeconfig}"
+CHART="$ROOT/helm/dishpatch"
+KUBE_VERSION=$(sed -n 's/^KUBE_VERSION="\${KUBE_VERSION:-\(v[0-9.]*\)}"/\1/p' hack/tools.sh)
+NODE_PORT=$(sed -n 's/^    nodePort: \([0-9]*\)$/\1/p' "$CHART/values.yaml")
+T0=$SECONDS
+pass=0
+log() { printf '[helm-test %4ds] %s\n' $((SECONDS - T0)) "$*" >&2; }
+ok() { pass=$((pass + 1)); log "ok: $*"; }
+die() { log "FAIL: $*"; exit 1; }
+
+hack/helm-tools.sh helm >/dev/null
+HELM=$(hack/helm-tools.sh path helm)
+helm() { "$HELM" "$@"; }
+
+static() {
+  hack/helm-tools.sh kindcheck >/dev/null
+  "$(hack/helm-tools.sh path kindcheck)" -kube-version "$KUBE_VERSION" -node-port "$NODE_PORT" -host-port 8080 kind-config.yaml >/dev/null \
+    || die "kind-config.yaml"
+  ok "kind-config.yaml loads and validates with kind's loader (1 control-plane + 1 worker, $NODE_PORT -> 8080, Kubernetes ${KUBE_VERSION%.*})"
+
+  helm lint --strict "$CHART" >/dev/null || { helm lint --strict "$CHART"; die "helm lint --strict"; }
+  helm lint --strict "$CHART" --set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x \
+    --set rabbitmq.external.enabled=true --set rabbitmq.external.existingSecret=amqp \
+    --set-json 'watchNamespaces=["shop"]' --set facade.ingress.enabled=true \
+    --set notification.webhook.url=https://hooks.example.com/x >/dev/null || die "helm lint --strict (stripe, external broker, one namespace, ingress, webhook)"
+  ok "helm lint --strict (defaults, and stripe + external broker + one namespace + ingress + webhook)"
+
+  # values the schema (or a template check) must refuse, with the message that names the problem
+  refuse() { # <what it must say> <helm args...>
+    local want=$1; shift
+    local out
+    if out=$(helm template t "$CHART" "$@" 2>&1); then die "accepted: $*"; fi
+    grep -qF -- "$want" <<<"$out" || die "refused $*, but without '$want': $out"
+  }
+  refuse "additional properties 'replicaCount' not allowed" --set replicaCount=3
+  refuse "additional properties 'bogus' not allowed" --set operator.bogus=1
+  refuse "at '/operator/replicas': got string, want integer" --set operator.replicas=two
+  refuse "at '/payment/gateway': value must be one of 'simulated', 'stripe'" --set payment.gateway=paypal
+  refuse "at '/payment/replicas': maximum: got 2, want 1" --set payment.replicas=2
+  refuse "must not be guest" --set rabbitmq.password=guest
+  refuse "must not be guest" --set rabbitmq.username=guest
+  refuse "at '/facade/service/nodePort'" --set facade.service.nodePort=8080
+  refuse "at '/watchNamespaces': maxItems: got 2, want 1" --set-json 'watchNamespaces=["a","b"]'
+  refuse "at '/operator/leaseDuration': 'fifteen' does not match pattern" --set operator.leaseDuration=fifteen
+  refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
+  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, bad enums and durations"
+
+  # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
+  local rendered; rendered=$(mktemp)
+  helm template t "$CHART" --show-only templates/crds.yaml >"$rendered"
+  python3 - "$rendered" crds/*.yaml <<'PY' || die "rendered CRDs differ from crds/"
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+rendered = {d["metadata"]["name"]: d for d in docs}
+for path in sys.argv[2:]:
+    want = yaml.safe_load(open(path))
+    got = rendered.pop(want["metadata"]["name"])
+    assert got["metadata"]["annotations"].pop("helm.sh/resource-policy") == "keep", path
+    if not got["metadata"]["annotations"]: del got["metadata"]["annotations"]
+    got["metadata"]["labels"].pop("app.kubernetes.io/part-of")
+    if not got["metadata"]["labels"]: del got["metadata"]["labels"]
+    assert got == want, f"{path} differs once rendered"
+assert not rendered, rendered.keys()
+PY
+  rm -f "$rendered"
+  ok "rendered CRDs equal crds/*.yaml (plus helm.sh/resource-policy: keep)"
+}
+
+cluster_up() {
+  hack/cluster.sh up >/dev/null
+  kubectl get --raw /readyz >/dev/null || die "apiserver not ready"
+  kubectl apply --server-side -f crds/ >/dev/null
+}
+
+new_ns() { # <name> [restricted]
+  kubectl delete namespace "$1" --ignore-not-found --wait=true >/dev/null
+  kubectl create namespace "$1" >/dev/null
+  kubectl label namespace "$1" dishpatch.dev/test=true >/dev/null
+  if [ "${2:-}" = restricted ]; then
+    kubectl label namespace "$1" pod-security.kubernetes.io/enforce=restricted \
+      pod-security.kubernetes.io/enforce-version=latest >/dev/null
+  fi
+}
+
+rbac_table() { # <release namespace> <release name> <other namespace>
+  local ns=$1 rel=$2 other=$3 fn
+  fn="$rel-dishpatch"; [[ "$rel" == *dishpatch* ]] && fn=$rel
+  local fails=0 n=0
+  while read -r sa verb res want scope; do
+    [ -z "$sa" ] || [[ "$sa" == \#* ]] && continue
+    res=${res//@LEASE@/$fn-operator}
+    local where=$ns; [ "$scope" = other ] && where=$other
+    local got
+    got=$(kubectl auth can-i "$verb" "$res" -n "$where" --as "system:serviceaccount:$ns:$fn-$sa" 2>/dev/null || true)
+    n=$((n + 1))
+    if [ "$got" != "$want" ]; then
+      log "rbac: $sa $verb $res in $where: want $want, got $got"; fails=$((fails + 1))
+    fi
+  done <e2e/helm/rbac.table
+  [ $fails -eq 0 ] || die "RBAC table: $fails of $n lines wrong"
+  ok "RBAC table: $n lines (allowed and denied) hold for the installed chart"
+}
+
+server() {
+  cluster_up
+  # everything the chart renders, hooks included, accepted by the real apiserver
+  new_ns dishpatch-helm-dry restricted
+  helm template dishpatch "$CHART" -n dishpatch-helm-dry --set crds.install=false |
+    kubectl apply --dry-run=server -n dishpatch-helm-dry -f - >/dev/null || die "kubectl apply --dry-run=server"
+  helm template dishpatch "$CHART" -n dishpatch-helm-dry --show-only templates/crds.yaml |
+    kubectl apply --server-side --force-conflicts --dry-run=server -f - >/dev/null || die "CRDs --dry-run=server"
+  helm template dishpatch "$CHART" -n dishpatch-helm-dry --set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x \
+    --set facade.ingress.enabled=true --set-json 'watchNamespaces=["dishpatch-helm-dry"]' --set crds.install=false |
+    kubectl apply --dry-run=server -n dishpatch-helm-dry -f - >/dev/null || die "kubectl apply --dry-run=server (variants)"
+  kubectl delete namespace dishpatch-helm-dry --wait=false >/dev/null
+  ok "helm template | kubectl apply --dry-run=server is clean (defaults and variants), under restricted"
+
+  # install without pods (RBAC, Secrets, lookup) and check the RBAC table
+  local ns=dishpatch-helm-rbac other=dishpatch-helm-other
+  new_ns $ns; new_ns $other
+  helm uninstall rbac -n $ns >/dev/null 2>&1 || true
+  helm install rbac "$CHART" -n $ns --set crds.install=false >/dev/null || die "helm install"
+  local key1 key2
+  key1=$(kubectl -n $ns get secret rbac-dishpatch-jwt -o jsonpath='{.data.key}')
+  amqp1=$(kubectl -n $ns get secret rbac-dishpatch-amqp -o jsonpath='{.data.password}')
+  [ "$(echo "$amqp1" | base64 -d)" != guest ] || die "broker password is guest"
+  helm upgrade rbac "$CHART" -n $ns --set crds.install=false --set timeScale=0.5 >/dev/null || die "helm upgrade"
+  key2=$(kubectl -n $ns get secret rbac-dishpatch-jwt -o jsonpath='{.data.key}')
+  [ -n "$key1" ] && [ "$key1" = "$key2" ] || die "the JWT key changed across helm upgrade"
+  [ "$amqp1" = "$(kubectl -n $ns get secret rbac-dishpatch-amqp -o jsonpath='{.data.password}')" ] || die "broker password changed across upgrade"
+  ok "generated JWT key and broker password survive helm upgrade (lookup)"
+  rbac_table $ns rbac $other
+  helm uninstall rbac -n $ns >/dev/null
+  kubectl delete namespace $ns $other --wait=false >/dev/null
+}
+
+node_ready() {
+  kubectl get nodes -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' 2>/dev/null | grep -qx True
+}
+
+node() {
+  node_ready || die "no Ready node: run make node-up && make images && make node-load first"
+  . "$ROOT/e2e/helm/node.sh"
+  node_tests
+}
+
+what=${1:-default}
+case "$what" in
+  static) static ;;
+  server) static; server ;;
+  node) node ;;
+  default) static; server ;;
+  all) static; server; node ;;
+  *) echo "usage: $0 [static|server|node|all]" >&2; exit 2 ;;
+esac
+log "all $pass checks passed in $((SECONDS - T0))s"
