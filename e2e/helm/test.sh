@@ -107,8 +107,9 @@ rbac_table() { # <release namespace> <release name> <other namespace>
     [ -z "$sa" ] || [[ "$sa" == \#* ]] && continue
     res=${res//@LEASE@/$fn-operator}
     local where=$ns; [ "$scope" = other ] && where=$other
-    local got
-    got=$(kubectl auth can-i "$verb" "$res" -n "$where" --as "system:serviceaccount:$ns:$fn-$sa" 2>/dev/null || true)
+    local got sub=()
+    if [[ "$res" == *:* ]]; then sub=(--subresource "${res#*:}"); res=${res%%:*}; fi
+    got=$(kubectl auth can-i "$verb" "$res" "${sub[@]}" -n "$where" --as "system:serviceaccount:$ns:$fn-$sa" 2>/dev/null || true)
     n=$((n + 1))
     if [ "$got" != "$want" ]; then
       log "rbac: $sa $verb $res in $where: want $want, got $got"; fails=$((fails + 1))
@@ -121,13 +122,15 @@ rbac_table() { # <release namespace> <release name> <other namespace>
 server() {
   cluster_up
   # everything the chart renders, hooks included, accepted by the real apiserver
+  # (no fixed NodePort: a real install may hold 30080)
+  local np=(--set facade.service.nodePort=null)
   new_ns dishpatch-helm-dry restricted
-  helm template dishpatch "$CHART" -n dishpatch-helm-dry --set crds.install=false |
+  helm template dishpatch "$CHART" -n dishpatch-helm-dry --set crds.install=false "${np[@]}" |
     kubectl apply --dry-run=server -n dishpatch-helm-dry -f - >/dev/null || die "kubectl apply --dry-run=server"
   helm template dishpatch "$CHART" -n dishpatch-helm-dry --show-only templates/crds.yaml |
     kubectl apply --server-side --force-conflicts --dry-run=server -f - >/dev/null || die "CRDs --dry-run=server"
   helm template dishpatch "$CHART" -n dishpatch-helm-dry --set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x \
-    --set facade.ingress.enabled=true --set-json 'watchNamespaces=["dishpatch-helm-dry"]' --set crds.install=false |
+    --set facade.ingress.enabled=true --set-json 'watchNamespaces=["dishpatch-helm-dry"]' --set crds.install=false "${np[@]}" |
     kubectl apply --dry-run=server -n dishpatch-helm-dry -f - >/dev/null || die "kubectl apply --dry-run=server (variants)"
   kubectl delete namespace dishpatch-helm-dry --wait=false >/dev/null
   ok "helm template | kubectl apply --dry-run=server is clean (defaults and variants), under restricted"
@@ -136,12 +139,13 @@ server() {
   local ns=dishpatch-helm-rbac other=dishpatch-helm-other
   new_ns $ns; new_ns $other
   helm uninstall rbac -n $ns >/dev/null 2>&1 || true
-  helm install rbac "$CHART" -n $ns --set crds.install=false >/dev/null || die "helm install"
+  trap 'helm uninstall rbac -n dishpatch-helm-rbac >/dev/null 2>&1 || true' EXIT
+  helm install rbac "$CHART" -n $ns --set crds.install=false "${np[@]}" >/dev/null || die "helm install"
   local key1 key2
   key1=$(kubectl -n $ns get secret rbac-dishpatch-jwt -o jsonpath='{.data.key}')
   amqp1=$(kubectl -n $ns get secret rbac-dishpatch-amqp -o jsonpath='{.data.password}')
   [ "$(echo "$amqp1" | base64 -d)" != guest ] || die "broker password is guest"
-  helm upgrade rbac "$CHART" -n $ns --set crds.install=false --set timeScale=0.5 >/dev/null || die "helm upgrade"
+  helm upgrade rbac "$CHART" -n $ns --set crds.install=false "${np[@]}" --set timeScale=0.5 >/dev/null || die "helm upgrade"
   key2=$(kubectl -n $ns get secret rbac-dishpatch-jwt -o jsonpath='{.data.key}')
   [ -n "$key1" ] && [ "$key1" = "$key2" ] || die "the JWT key changed across helm upgrade"
   [ "$amqp1" = "$(kubectl -n $ns get secret rbac-dishpatch-amqp -o jsonpath='{.data.password}')" ] || die "broker password changed across upgrade"
