@@ -172,13 +172,16 @@ up() {
   # hack/node.sh points it at the node's bridge address when a node runs.
   # Node authorization and NodeRestriction confine a kubelet to its own node;
   # the apiserver reaches kubelets (logs, exec) with its own client
-  # certificate and checks theirs against the cluster CA.
+  # certificate and checks theirs against the cluster CA. Privileged pods are
+  # allowed as in any cluster; Pod Security admission refuses them in
+  # namespaces that enforce baseline or restricted.
   local apiserver_args=(
       --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT"
       --etcd-servers "http://127.0.0.1:$ETCD_PORT"
       --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key"
       --client-ca-file "$PKI/ca.crt" --anonymous-auth=false
       --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+      --allow-privileged=true
       --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
       --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
       --kubelet-certificate-authority "$PKI/ca.crt"
