@@ -412,6 +412,21 @@ load() {
   done
 }
 
+drop_chains() { # drop_chains PREFIX TABLE HOOK...: remove chains named PREFIX* and the jumps to them
+  local prefix=$1 table=$2; shift 2
+  local chains chain hook rule
+  chains=$(iptables -t "$table" -S 2>/dev/null | sed -n "s/^-N \\($prefix[A-Za-z0-9_-]*\\)\$/\\1/p" || true)
+  for chain in $chains; do
+    for hook in "$@"; do
+      while rule=$(iptables -t "$table" -S "$hook" 2>/dev/null | grep -m1 -- "-j $chain\( \|\$\)"); do
+        eval "iptables -t $table ${rule/-A /-D }" || break
+      done
+    done
+    iptables -t "$table" -F "$chain" 2>/dev/null || true
+  done
+  for chain in $chains; do iptables -t "$table" -X "$chain" 2>/dev/null || true; done
+}
+
 down() {
   stop kubelet
   stop kube-proxy
@@ -424,31 +439,29 @@ down() {
   stop node-containerd
   local proxy; proxy=$("$ROOT/hack/tools.sh" path kube-proxy)
   [ -x "$proxy" ] && "$proxy" --cleanup >/dev/null 2>&1 || true
-  local chain
-  for chain in $(iptables -S 2>/dev/null | sed -n 's/^-N \(CNI-[A-Za-z0-9-]*\)$/\1/p'); do
-    iptables -S FORWARD | grep -- "-j $chain\$" | sed 's/^-A/-D/' | while read -r rule; do eval iptables "$rule" || true; done
-    iptables -F "$chain" 2>/dev/null || true
+  # The CNI plugins' chains, and what kube-proxy --cleanup leaves of the
+  # kubelet's and its own (canaries, KUBE-FIREWALL, KUBE-MARK-MASQ).
+  local prefix
+  for prefix in CNI- KUBE-; do
+    drop_chains "$prefix" filter INPUT FORWARD OUTPUT
+    drop_chains "$prefix" nat PREROUTING INPUT OUTPUT POSTROUTING
+    drop_chains "$prefix" mangle PREROUTING INPUT FORWARD OUTPUT POSTROUTING
   done
-  for chain in $(iptables -S 2>/dev/null | sed -n 's/^-N \(CNI-[A-Za-z0-9-]*\)$/\1/p'); do iptables -X "$chain" 2>/dev/null || true; done
-  for chain in $(iptables -t nat -S 2>/dev/null | sed -n 's/^-N \(CNI-[A-Za-z0-9-]*\)$/\1/p'); do
-    for h in PREROUTING OUTPUT POSTROUTING; do
-      iptables -t nat -S "$h" | grep -- "-j $chain\$" | sed 's/^-A/-D/' | while read -r rule; do eval iptables -t nat "$rule" || true; done
-    done
-    iptables -t nat -F "$chain" 2>/dev/null || true
-  done
-  for chain in $(iptables -t nat -S 2>/dev/null | sed -n 's/^-N \(CNI-[A-Za-z0-9-]*\)$/\1/p'); do iptables -t nat -X "$chain" 2>/dev/null || true; done
   # Every mount under the node's directory, deepest first.
   if [ -d "$NODE" ]; then
     awk -v d="$NODE/" 'index($2, d) == 1 {print $2}' /proc/self/mounts | sort -r | while read -r m; do umount -l "$m" 2>/dev/null || true; done
   fi
-  ip link show "$BRIDGE" >/dev/null 2>&1 && ip link delete "$BRIDGE" && log "removed bridge $BRIDGE"
-  for v in $(ip -o link show type veth 2>/dev/null | awk -F': ' '/master '"$BRIDGE"'/ {print $2}' | cut -d@ -f1); do ip link delete "$v" 2>/dev/null || true; done
+  local v
+  for v in $(ip -o link show type veth 2>/dev/null | awk -F': ' '/master '"$BRIDGE"' / {print $2}' | cut -d@ -f1); do
+    ip link delete "$v" 2>/dev/null || true
+  done
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link delete "$BRIDGE"; log "removed bridge $BRIDGE"; fi
   if [ -f "$KUBECONFIG" ] && kubectl get node "$NODE_NAME" >/dev/null 2>&1; then
     kubectl delete node "$NODE_NAME" --wait=false >/dev/null 2>&1 || true
   fi
   # The pods' cgroups the kubelet made (empty once their tasks are gone).
   find /sys/fs/cgroup -depth -type d -path '*/kubepods*' -exec rmdir {} \; 2>/dev/null || true
-  rm -rf "$NODE/kubelet/root" "$NODE/ipam" "$NODE/containerd/state"
+  rm -rf "$NODE/kubelet/root" "$NODE/ipam" "$NODE/containerd/state" || true
   # The kubelet keeps container logs in /var/log/pods (not configurable).
   rm -rf /var/log/pods /var/log/containers
   log "node down"
