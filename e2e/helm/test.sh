@@ -90,7 +90,13 @@ cluster_up() {
 }
 
 new_ns() { # <name> [restricted]
-  kubectl delete namespace "$1" --ignore-not-found --wait=true >/dev/null
+  # Orders keep a finalizer only a running operator removes: a left-over
+  # namespace from an earlier run would never finish deleting
+  local o
+  for o in $(kubectl -n "$1" get orders -o name 2>/dev/null); do
+    kubectl -n "$1" patch "$o" --type merge -p '{"metadata":{"finalizers":null}}' >/dev/null 2>&1 || true
+  done
+  kubectl delete namespace "$1" --ignore-not-found --wait=true --timeout=120s >/dev/null
   kubectl create namespace "$1" >/dev/null
   kubectl label namespace "$1" dishpatch.dev/test=true >/dev/null
   if [ "${2:-}" = restricted ]; then

@@ -1,0 +1,154 @@
+# Sourced by e2e/helm/test.sh: the chart on the real node (make node-up && make images && make node-load).
+NS=dishpatch-helm            # release namespace, enforcing restricted
+EXNS=dishpatch-helm-examples # another namespace: the operator is cluster-wide
+REL=dishpatch
+RMQ_IMAGE=$(helm/images/build.sh tags | head -1)
+TEST_IMAGE=$(helm/images/build.sh tags | tail -1)
+CTR_SOCK="$ROOT/.dev/node/containerd.sock"
+
+# two tags of the component images, both in the node's containerd: the upgrade goes from one to the other
+component_tags() {
+  ctr --address "$CTR_SOCK" -n k8s.io images ls -q | sed -n 's#^docker.io/dishpatch/facade:##p' | sort -u
+}
+
+load_chart_images() {
+  hack/images.sh docker-up >/dev/null
+  local ref
+  for ref in $RMQ_IMAGE $TEST_IMAGE; do
+    docker image inspect "$ref" >/dev/null 2>&1 || helm/images/build.sh all
+    docker save "$ref" | ctr --address "$CTR_SOCK" -n k8s.io images import - >/dev/null
+  done
+  # a second tag for the upgrade, when the node has only one
+  local tags; tags=$(component_tags)
+  if [ "$(wc -l <<<"$tags")" -lt 2 ]; then
+    local t1; t1=$(head -1 <<<"$tags")
+    for c in operator payment kitchen delivery notification facade; do
+      ctr --address "$CTR_SOCK" -n k8s.io images tag --force "docker.io/dishpatch/$c:$t1" "docker.io/dishpatch/$c:$t1-upgrade" >/dev/null
+    done
+  fi
+}
+
+values() { # <tag>
+  echo --set image.tag="$1" --set rabbitmq.image.repository="${RMQ_IMAGE%:*}" --set rabbitmq.image.tag="${RMQ_IMAGE##*:}" \
+    --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s
+}
+
+mint() { # <jwt key> <sub>: an HS256 customer token, as the façade's login would mint it
+  local now; now=$(date +%s)
+  b64url() { openssl base64 -A | tr '+/' '-_' | tr -d '='; }
+  local u; u="$(printf '{"alg":"HS256","typ":"JWT"}' | b64url).$(printf '{"sub":"%s","role":"customer","exp":%d,"email":"%s@example.com"}' "$2" $((now + 900)) "$2" | b64url)"
+  echo "$u.$(printf '%s' "$u" | openssl dgst -sha256 -hmac "$1" -binary | b64url)"
+}
+
+wait_phase() { # <ns> <order> <phase> <seconds>
+  local deadline=$((SECONDS + $4)) p=""
+  while [ $SECONDS -lt $deadline ]; do
+    p=$(kubectl -n "$1" get order "$2" -o jsonpath='{.status.phase}' 2>/dev/null || true)
+    [ "$p" = "$3" ] && return 0
+    case "$p" in Rejected|Cancelled) [ "$3" = "$p" ] || { log "order $1/$2 ended $p"; return 1; } ;; esac
+    sleep 1
+  done
+  log "order $1/$2 is '$p' after $4s, want $3"; return 1
+}
+
+node_tests() {
+  load_chart_images
+  local tags t1 t2
+  tags=$(component_tags); t1=$(head -1 <<<"$tags"); t2=$(sed -n 2p <<<"$tags")
+  [ -n "$t2" ] || t2="$t1-upgrade"
+  helm uninstall $REL -n $NS --wait >/dev/null 2>&1 || true
+  new_ns $NS restricted; new_ns $EXNS restricted
+  # CRDs applied by hand (make up) are adopted by the release that installs them
+  for crd in $(kubectl get crd -o name | grep dishpatch.dev); do
+    kubectl label "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+    kubectl annotate "$crd" meta.helm.sh/release-name=$REL meta.helm.sh/release-namespace=$NS --overwrite >/dev/null
+  done
+
+  local t0=$SECONDS
+  # shellcheck disable=SC2046
+  helm install $REL "$CHART" -n $NS $(values "$t1") --wait --timeout 5m >/dev/null || {
+    kubectl -n $NS get pods -o wide; die "helm install --wait"; }
+  local install_s=$((SECONDS - t0))
+  local notready
+  notready=$(kubectl -n $NS get pods -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -v ' True$' || true)
+  [ -z "$notready" ] || die "pods not Ready: $notready"
+  ok "helm install --wait under restricted: every pod Ready in ${install_s}s ($(kubectl -n $NS get pods --no-headers | wc -l) pods, images $t1)"
+
+  # memory of each component, from the pods' cgroups on the node
+  for p in $(kubectl -n $NS get pods -o name); do
+    local uid; uid=$(kubectl -n $NS get "$p" -o jsonpath='{.metadata.uid}')
+    local f; f=$(find /sys/fs/cgroup/memory/kubepods* -maxdepth 3 -type d -name "*${uid//-/_}*" -o -maxdepth 3 -type d -name "*$uid*" 2>/dev/null | head -1)
+    [ -n "$f" ] && log "memory ${p#pod/}: $(awk '/^total_rss /{printf "%.1f MiB", $2/1048576}' "$f/memory.stat") rss, $(awk '{printf "%.1f MiB", $1/1048576}' "$f/memory.usage_in_bytes") usage"
+  done
+
+  t0=$SECONDS
+  helm test $REL -n $NS --timeout 5m >/dev/null || { kubectl -n $NS logs $REL-test-order 2>/dev/null | tail -20; die "helm test"; }
+  ok "helm test: an order through the façade Service reached Delivered ($((SECONDS - t0))s)"
+
+  kubectl -n $EXNS apply -f examples/ >/dev/null
+  wait_phase $EXNS first-order Delivered 180 || die "examples/ in $EXNS"
+  ok "kubectl apply -f examples/ in $EXNS: first-order Delivered (cluster-wide operator)"
+
+  # a customer through the façade Service (its ClusterIP, from this host)
+  kubectl -n $NS apply -f examples/restaurant.yaml -f examples/couriers.yaml >/dev/null
+  local ip key tok url id
+  ip=$(kubectl -n $NS get svc $REL-facade -o jsonpath='{.spec.clusterIP}')
+  url="http://$ip:8080"
+  key=$(kubectl -n $NS get secret $REL-jwt -o jsonpath='{.data.key}' | base64 -d)
+  tok=$(mint "$key" cust-helm)
+  local body='{"restaurant":"trattoria-roma","items":[{"menuItem":"espresso","quantity":1}],"contact":{"email":"jane@example.com"},"deliveryAddress":{"street":"Torstraße 1","city":"Berlin","postalCode":"10119","country":"DE"},"payment":{"token":"tok_visa"}}'
+  local deadline=$((SECONDS + 60)) resp=""
+  until resp=$(curl -sS -f "$url/api/v1/orders" -H "Authorization: Bearer $tok" -H 'Content-Type: application/json' -H "Idempotency-Key: host-$RANDOM$RANDOM" -d "$body"); do
+    [ $SECONDS -lt $deadline ] || die "placing an order through $url"; sleep 2
+  done
+  id=$(sed -n 's/.*"id":"\([^"]*\)".*/\1/p' <<<"$resp")
+  # follow it live (server-sent events) until Delivered
+  (set +o pipefail; timeout 120 curl -sN "$url/api/v1/orders/$id/events" -H "Authorization: Bearer $tok" | grep -m1 -q Delivered) ||
+    die "order $id not Delivered on its live stream"
+  wait_phase $NS "$id" Delivered 30 || die "order $id"
+  ok "a customer placed $id through the façade Service ($url) and followed it live to Delivered"
+
+  # upgrade to another image tag with 20 orders in flight
+  local names=()
+  for i in $(seq 1 20); do
+    names+=("inflight-$i")
+    sed "s/name: first-order/name: inflight-$i/" examples/order.yaml
+    echo ---
+  done | kubectl -n $EXNS apply -f - >/dev/null
+  t0=$SECONDS
+  # shellcheck disable=SC2046
+  helm upgrade $REL "$CHART" -n $NS $(values "$t2") --wait --timeout 5m >/dev/null || die "helm upgrade"
+  local upgrade_s=$((SECONDS - t0))
+  for d in $(kubectl -n $NS get deploy -o name); do
+    kubectl -n $NS get "$d" -o jsonpath='{.spec.template.spec.containers[0].image}' | grep -q ":$t2\$" || die "$d not on $t2"
+  done
+  for n in "${names[@]}"; do wait_phase $EXNS "$n" Delivered 240 || die "in-flight order $n"; done
+  local charges
+  charges=$(kubectl -n $EXNS get orders "${names[@]}" -o jsonpath='{range .items[*]}{.status.payment.state}{" "}{.status.payment.paymentId}{"\n"}{end}')
+  [ "$(grep -c '^Succeeded ' <<<"$charges")" = 20 ] || die "payments: $charges"
+  [ "$(awk '{print $2}' <<<"$charges" | sort -u | wc -l)" = 20 ] || die "payment ids not one per order: $charges"
+  ok "helm upgrade $t1 -> $t2 rolled every Deployment in ${upgrade_s}s with 20 orders in flight; all 20 Delivered, one charge each"
+
+  # leader failover
+  local lease=$REL-operator leader
+  leader=$(kubectl -n $NS get lease $lease -o jsonpath='{.spec.holderIdentity}')
+  [ -n "$leader" ] || die "no operator leader"
+  t0=$SECONDS
+  kubectl -n $NS delete pod "$leader" --wait=false >/dev/null
+  local now=""; deadline=$((SECONDS + 60))
+  while [ $SECONDS -lt $deadline ]; do
+    now=$(kubectl -n $NS get lease $lease -o jsonpath='{.spec.holderIdentity}')
+    [ -n "$now" ] && [ "$now" != "$leader" ] && break
+    sleep 0.5
+  done
+  [ -n "$now" ] && [ "$now" != "$leader" ] || die "no standby took over from $leader"
+  sed "s/name: first-order/name: after-failover/" examples/order.yaml | kubectl -n $EXNS apply -f - >/dev/null
+  wait_phase $EXNS after-failover Delivered 180 || die "order after failover"
+  ok "leader $leader deleted: $now took over in $((SECONDS - t0))s and an order placed after it was Delivered"
+
+  helm uninstall $REL -n $NS --wait >/dev/null || die "helm uninstall"
+  kubectl get crd orders.dishpatch.dev restaurants.dishpatch.dev couriers.dishpatch.dev >/dev/null || die "CRDs gone after uninstall"
+  [ "$(kubectl -n $EXNS get orders --no-headers | wc -l)" -ge 22 ] || die "orders gone after uninstall"
+  ok "helm uninstall left the CRDs and the Orders"
+  kubectl delete namespace $NS $EXNS --wait=false >/dev/null
+}
