@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
 export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
 CARGO ?= cargo
 
-.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench images node-up node-down node-load node-status test-node
+.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench images helm-test helm-test-node kind-up node-up node-down node-load node-status test-node
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -83,3 +83,21 @@ fmt: ## Format the code
 
 crds: ## Regenerate crds/ from the Rust types
 	$(CARGO) run -q -p dishpatch-operator -- crds --out-dir crds
+
+helm-test: ## Helm chart and kind-config.yaml: kind's loader, lint, schema, server dry-run, install, RBAC table (e2e/helm/test.sh)
+	@hack/cluster.sh up
+	@e2e/helm/test.sh
+
+helm-test-node: ## The chart on the real node: install under restricted, helm test, upgrade with orders in flight, failover, uninstall
+	@helm/images/build.sh all
+	@e2e/helm/test.sh node
+
+# kind writes its own kubeconfig, never this project's .dev/kubeconfig.
+KIND_KUBECONFIG := $(HOME)/.kube/config
+kind-up: ## kind cluster from kind-config.yaml, images loaded, chart installed, façade on localhost:8080 (needs Docker and kind)
+	KUBECONFIG=$(KIND_KUBECONFIG) kind create cluster --config kind-config.yaml
+	$(MAKE) images
+	for c in operator payment kitchen delivery notification facade; do KUBECONFIG=$(KIND_KUBECONFIG) kind load docker-image --name dishpatch dishpatch/$$c:$$(hack/images.sh tag); done
+	KUBECONFIG=$(KIND_KUBECONFIG) $$(hack/tools.sh path helm) install dishpatch helm/dishpatch -n dishpatch --create-namespace --set image.tag=$$(hack/images.sh tag) --set facade.devLogin=true --wait
+	KUBECONFIG=$(KIND_KUBECONFIG) kubectl -n dishpatch apply -f examples/restaurant.yaml -f examples/couriers.yaml
+	@echo "façade: http://localhost:8080   (helm test dishpatch -n dishpatch places an order)"
