@@ -106,19 +106,7 @@ async fn a_ticket_cooks_even_when_announcing_it_fails() {
 async fn unparsable_order(p: &Platform, name: &str) {
     p.create_order(fixtures::order(name, "roma", &[("water", 1)]))
         .await;
-    let untyped: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
-        p.client.clone(),
-        &p.ns.name,
-        &kube::core::ApiResource::erase::<dishpatch_api::Order>(&()),
-    );
-    let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order",
-        "status": {"kitchen": {"state": "Queued", "estimatedReadyAt": "9999-12-31T23:59:59Z"}}});
-    untyped
-        .patch_status(
-            name,
-            &PatchParams::apply("a-broken-tool").force(),
-            &Patch::Apply(&patch),
-        )
+    dishpatch_testkit::break_order(&p.client, &p.ns.name, name, "Queued")
         .await
         .unwrap();
     assert!(

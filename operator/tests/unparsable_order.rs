@@ -34,22 +34,11 @@ async fn an_order_that_does_not_parse_keeps_its_stock_and_can_be_deleted() {
     .await;
     assert_eq!(pizza_available(&bed.restaurant("roma").await), Some(1));
 
-    let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order",
-        "status": {"kitchen": {"state": "Queued", "estimatedReadyAt": "9999-12-31T23:59:59Z"}}});
-    // Through an untyped API: the answer is the order the typed one can't read.
-    let untyped: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
-        bed.client.clone(),
-        &bed.ns.name,
-        &kube::core::ApiResource::erase::<dishpatch_api::Order>(&()),
-    );
-    untyped
-        .patch_status(
-            "bad",
-            &PatchParams::apply("a-broken-tool").force(),
-            &Patch::Apply(&patch),
-        )
+    dishpatch_testkit::break_order(&bed.client, &bed.ns.name, "bad", "Queued")
         .await
         .unwrap();
+    // Through an untyped API: the answer is the order the typed one can't read.
+    let untyped = dishpatch_testkit::untyped_orders(&bed.client, &bed.ns.name);
     assert!(
         bed.orders().get("bad").await.is_err(),
         "the typed Order must fail to parse for this test to mean anything"

@@ -460,3 +460,34 @@ pub fn apiserver_addr() -> Result<std::net::SocketAddr, Error> {
         .and_then(|hostport| hostport.trim_end_matches('/').parse().ok())
         .ok_or_else(|| Error::Yaml("no https://IP:PORT server in the kubeconfig".into()))
 }
+
+/// Orders through an untyped API: for objects the typed `Order` can't read.
+pub fn untyped_orders(client: &Client, namespace: &str) -> Api<kube::core::DynamicObject> {
+    Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &kube::core::ApiResource::erase::<dishpatch_api::Order>(&()),
+    )
+}
+
+/// Makes the existing Order `name` one the apiserver stores but the Rust
+/// types can't parse, as a broken tool could: `9999-12-31T23:59:59Z` is a
+/// valid date-time to the CRD schema, yet past the largest timestamp jiff
+/// (and so `Order`) holds. Its kitchen section says `kitchen_state`.
+pub async fn break_order(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    kitchen_state: &str,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order",
+        "status": {"kitchen": {"state": kitchen_state, "estimatedReadyAt": "9999-12-31T23:59:59Z"}}});
+    untyped_orders(client, namespace)
+        .patch_status(
+            name,
+            &PatchParams::apply("a-broken-tool").force(),
+            &Patch::Apply(&patch),
+        )
+        .await?;
+    Ok(())
+}

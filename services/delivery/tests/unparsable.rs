@@ -27,19 +27,7 @@ async fn unparsable_order(bed: &Bed, name: &str) {
         )
         .await
         .unwrap();
-    let untyped: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
-        bed.client.clone(),
-        &bed.ns.name,
-        &kube::core::ApiResource::erase::<dishpatch_api::Order>(&()),
-    );
-    let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order",
-        "status": {"kitchen": {"state": "Ready", "estimatedReadyAt": "9999-12-31T23:59:59Z"}}});
-    untyped
-        .patch_status(
-            name,
-            &PatchParams::apply("a-broken-tool").force(),
-            &Patch::Apply(&patch),
-        )
+    dishpatch_testkit::break_order(&bed.client, &bed.ns.name, name, "Ready")
         .await
         .unwrap();
     assert!(

@@ -26,19 +26,7 @@ async fn broken_order(client: kube::Client, ns: &str) {
 
 /// Makes the existing order `name` unparsable (see [`broken_order`]).
 async fn break_order(client: kube::Client, ns: &str, name: &str) {
-    let untyped: kube::Api<kube::core::DynamicObject> = kube::Api::namespaced_with(
-        client,
-        ns,
-        &kube::core::ApiResource::erase::<dishpatch_api::Order>(&()),
-    );
-    let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order",
-        "status": {"kitchen": {"state": "Queued", "estimatedReadyAt": "9999-12-31T23:59:59Z"}}});
-    untyped
-        .patch_status(
-            name,
-            &PatchParams::apply("a-broken-tool").force(),
-            &Patch::Apply(&patch),
-        )
+    dishpatch_testkit::break_order(&client, ns, name, "Queued")
         .await
         .unwrap();
 }
