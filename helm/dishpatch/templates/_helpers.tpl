@@ -93,3 +93,30 @@ startupProbe:
 {{- $s := lookup "v1" "Secret" .root.Release.Namespace .name -}}
 {{- if and $s $s.data (hasKey $s.data .key) -}}{{ index $s.data .key | b64dec }}{{- else -}}{{ randAlphaNum (.len | int) }}{{- end -}}
 {{- end -}}
+
+{{/* "true" when a persistence block gets a PVC: enabled true, or auto with a
+storageClass given or a default StorageClass in the cluster. (dict "root" $ "p" .Values.x.persistence) */}}
+{{- define "dishpatch.pvc" -}}
+{{- $p := .p -}}
+{{- if eq (toString $p.enabled) "true" -}}true
+{{- else if eq (toString $p.enabled) "auto" -}}
+{{- $pvc := false -}}
+{{- if $p.storageClass }}{{ $pvc = true }}{{ end -}}
+{{- range (lookup "storage.k8s.io/v1" "StorageClass" "" "").items -}}
+{{- if eq (index (.metadata.annotations | default dict) "storageclass.kubernetes.io/is-default-class" | default "") "true" }}{{ $pvc = true }}{{ end -}}
+{{- end -}}
+{{- if $pvc }}true{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A checksum of what the Secrets are made from (values, not the generated
+parts, which lookup keeps): a pod rolls when its credentials change, and
+never just because a release was upgraded. (dict "root" $ "c" "payment") */}}
+{{- define "dishpatch.secretChecksum" -}}
+{{- $v := .root.Values -}}
+{{- $in := dict "amqp" (pick $v.rabbitmq "username" "password" "external") -}}
+{{- if eq .c "payment" }}{{ $_ := set $in "stripe" $v.payment.stripe }}{{ end -}}
+{{- if eq .c "notification" }}{{ $_ := set $in "webhook" $v.notification.webhook }}{{ end -}}
+{{- if eq .c "facade" }}{{ $_ := set $in "jwt" (pick $v.facade.jwt "existingSecret") }}{{ end -}}
+{{- toJson $in | sha256sum -}}
+{{- end -}}
