@@ -154,11 +154,17 @@ server() {
   key1=$(kubectl -n $ns get secret rbac-dishpatch-jwt -o jsonpath='{.data.key}')
   amqp1=$(kubectl -n $ns get secret rbac-dishpatch-amqp -o jsonpath='{.data.password}')
   [ "$(echo "$amqp1" | base64 -d)" != guest ] || die "broker password is guest"
+  local gens1 gens2
+  generations() { kubectl -n $ns get statefulset/rbac-dishpatch-rabbitmq deploy/rbac-dishpatch-operator deploy/rbac-dishpatch-facade -o jsonpath='{.items[*].metadata.generation}'; }
+  gens1=$(generations)
   helm upgrade rbac "$CHART" -n $ns --set crds.install=false "${np[@]}" --set timeScale=0.5 >/dev/null || die "helm upgrade"
+  # timeScale is not theirs: the broker, operator and façade templates stay as they were
+  gens2=$(generations)
+  [ "$gens1" = "$gens2" ] || die "an upgrade that changed nothing of theirs rolled the broker, operator or façade (generations $gens1 -> $gens2)"
   key2=$(kubectl -n $ns get secret rbac-dishpatch-jwt -o jsonpath='{.data.key}')
   [ -n "$key1" ] && [ "$key1" = "$key2" ] || die "the JWT key changed across helm upgrade"
   [ "$amqp1" = "$(kubectl -n $ns get secret rbac-dishpatch-amqp -o jsonpath='{.data.password}')" ] || die "broker password changed across upgrade"
-  ok "generated JWT key and broker password survive helm upgrade (lookup)"
+  ok "generated JWT key and broker password survive helm upgrade (lookup); broker, operator and façade not rolled by it"
   rbac_table $ns rbac $other
   helm uninstall rbac -n $ns >/dev/null
   kubectl delete namespace $ns $other --wait=false >/dev/null
