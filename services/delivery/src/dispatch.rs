@@ -141,6 +141,24 @@ pub fn freed(status: Option<&CourierStatus>, order: &str, on_shift: bool) -> Opt
     Some(s)
 }
 
+/// What a courier that carries nothing and holds no offer should show:
+/// available exactly while on shift. Covers a new Courier, whose status
+/// nobody has written yet (so `kubectl get couriers` is not blank), and a
+/// free one whose shift changed. `None` when it already shows that, or when
+/// it is busy (then the delivery under way owns its status).
+pub fn settled(c: &Courier) -> Option<CourierStatus> {
+    let s = c.status.clone().unwrap_or_default();
+    let free = s.current_order.is_none() && s.offer.is_none();
+    if !free || (c.status.is_some() && s.available == Some(c.spec.on_shift)) {
+        return None;
+    }
+    Some(CourierStatus {
+        available: Some(c.spec.on_shift),
+        observed_generation: c.metadata.generation,
+        ..s
+    })
+}
+
 /// Delivery offered to `courier`, waiting for an answer.
 pub fn offered(courier: &str) -> DeliveryStatus {
     DeliveryStatus {
@@ -319,6 +337,51 @@ mod tests {
 
     fn names(cs: &[&Courier]) -> Vec<String> {
         cs.iter().map(|c| c.name_any()).collect()
+    }
+
+    #[test]
+    fn a_free_courier_shows_available_while_on_shift() {
+        let mut new = courier("ada", "mitte", true, None);
+        new.metadata.generation = Some(1);
+        let s = settled(&new).expect("a new courier gets a status");
+        assert_eq!(s.available, Some(true));
+        assert_eq!(s.observed_generation, Some(1));
+        let off = courier("bob", "mitte", false, None);
+        assert_eq!(settled(&off).and_then(|s| s.available), Some(false));
+        // already right: nothing to write
+        let shown = courier(
+            "cy",
+            "mitte",
+            true,
+            Some(CourierStatus {
+                available: Some(true),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(settled(&shown), None);
+        // a free courier whose shift ended follows it
+        let ended = courier(
+            "di",
+            "mitte",
+            false,
+            Some(CourierStatus {
+                available: Some(true),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(settled(&ended).and_then(|s| s.available), Some(false));
+        // a busy one is left to its delivery
+        let busy = courier(
+            "ed",
+            "mitte",
+            false,
+            Some(CourierStatus {
+                available: Some(false),
+                current_order: Some("o1".into()),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(settled(&busy), None);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::couriers::{Cas, Couriers};
 use crate::dispatch::{
     Claim, Next, accepted, after, assigned, cancel_pending, candidates, ceil_second, claimed,
     delivered, delivery, event_of, freed, is_free, kitchen, next_step, offered, picked_up,
-    points_at, refined, released,
+    points_at, refined, released, settled,
 };
 use crate::timing::Timing;
 
@@ -903,6 +903,11 @@ impl Dispatcher {
                         .clear_request(&namespace, &name, ACCEPT_ANNOTATION, wanted)
                         .await?;
                 }
+            }
+            if settled(&c).is_some() {
+                self.couriers
+                    .update(&namespace, &name, Some(c.clone()), settled)
+                    .await?;
             }
             let Some(s) = &c.status else { continue };
             // Through DeserializeGuard: one Order that does not parse must

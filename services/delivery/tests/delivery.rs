@@ -578,3 +578,37 @@ async fn a_restarted_service_resumes_deliveries_in_progress() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_new_courier_shows_available_from_the_start() {
+    let bed = Bed::new("dlv-avail").await;
+    let _d = bed.delivery(&["--time-scale", "0.005"]).await;
+    bed.courier("ada", true).await;
+    bed.courier("bob", false).await;
+
+    // `kubectl get couriers` reads .status.available: never blank for long
+    let shown = |s: &dishpatch_api::courier::CourierStatus| s.available.is_some();
+    let ada = bed
+        .wait_courier("ada", Duration::from_secs(15), "a status", shown)
+        .await;
+    assert_eq!(ada.available, Some(true));
+    assert_eq!(ada.current_order, None);
+    let bob = bed
+        .wait_courier("bob", Duration::from_secs(15), "a status", shown)
+        .await;
+    assert_eq!(bob.available, Some(false));
+
+    // a free courier's column follows their shift
+    bed.couriers()
+        .patch(
+            "ada",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"spec": {"onShift": false}})),
+        )
+        .await
+        .unwrap();
+    bed.wait_courier("ada", Duration::from_secs(15), "shown off shift", |s| {
+        s.available == Some(false)
+    })
+    .await;
+}
