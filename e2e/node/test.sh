@@ -45,7 +45,10 @@ step="images"
 s=$SECONDS
 cargo build --workspace --bins
 if [ "$DISHPATCH_IMAGE_PROFILE" = release ]; then make --no-print-directory images; else hack/images.sh build; fi
-rabbit=$(e2e/node/rabbitmq-image.sh)
+# The broker image the chart's node test uses too: Debian's rabbitmq-server, from this host's packages.
+hack/images.sh docker-up >/dev/null
+rabbit=$(helm/images/build.sh tags | head -1)
+docker image inspect "$rabbit" >/dev/null 2>&1 || helm/images/build.sh rabbitmq
 images_s=$((SECONDS - s))
 
 step="make node-load"
@@ -81,7 +84,8 @@ pod_security='
         runAsGroup: 65532
         fsGroup: 65532
         seccompProfile: {type: RuntimeDefault}'
-amqp="amqp://guest:guest@rabbitmq.$NS.svc.cluster.local:5672/%2f"
+amqp_password=$(openssl rand -hex 16)
+amqp="amqp://dishpatch:$amqp_password@rabbitmq.$NS.svc.cluster.local:5672/%2f"
 deployment() { # deployment NAME IMAGE PORT ARGS-JSON PROBE-YAML [extra volume yaml]
   cat <<EOF
 ---
@@ -123,6 +127,63 @@ spec:
   ports: [{port: $3, targetPort: $3}]
 EOF
 }
+rabbitmq() { # rabbitmq IMAGE: one broker with a user of its own (guest may log in only from loopback)
+  cat <<EOF
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: rabbitmq, namespace: $NS}
+data:
+  rabbitmq.conf: |
+    listeners.tcp.default = 5672
+  enabled_plugins: |
+    [].
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: rabbitmq, namespace: $NS}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: rabbitmq}}
+  template:
+    metadata: {labels: {app: rabbitmq}}
+    spec:
+      automountServiceAccountToken: false
+      enableServiceLinks: false$pod_security
+      containers:
+      - name: rabbitmq
+        image: $1
+        imagePullPolicy: Never
+        env:
+        - {name: RABBITMQ_NODENAME, value: rabbit@localhost}
+        - {name: RABBITMQ_CONFIG_FILE, value: /etc/rabbitmq/rabbitmq}
+        - {name: RABBITMQ_ENABLED_PLUGINS_FILE, value: /etc/rabbitmq/enabled_plugins}
+        - {name: HOME, value: /var/lib/rabbitmq}
+        - {name: RABBITMQ_LOG_BASE, value: /var/lib/rabbitmq/log}
+        - {name: RABBITMQ_LOGS, value: "-"}
+        - {name: RABBITMQ_DEFAULT_USER, value: dishpatch}
+        - {name: RABBITMQ_DEFAULT_PASS, value: "$amqp_password"}
+        ports: [{containerPort: 5672}]$restricted
+        readinessProbe:
+          tcpSocket: {port: 5672}
+          periodSeconds: 2
+        volumeMounts:
+        - {name: data, mountPath: /var/lib/rabbitmq}
+        - {name: config, mountPath: /etc/rabbitmq}
+        - {name: tmp, mountPath: /tmp}
+      volumes:
+      - {name: data, emptyDir: {}}
+      - {name: config, configMap: {name: rabbitmq}}
+      - {name: tmp, emptyDir: {}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: rabbitmq, namespace: $NS}
+spec:
+  selector: {app: rabbitmq}
+  ports: [{port: 5672, targetPort: 5672}]
+EOF
+}
 readyz() { printf '          httpGet: {path: /readyz, port: %s}' "$1"; }
 admin='"--admin-addr", "0.0.0.0:9090"'
 {
@@ -156,7 +217,7 @@ kind: Secret
 metadata: {name: facade-jwt, namespace: $NS}
 stringData: {key: "$(openssl rand -hex 32)"}
 EOF
-  deployment rabbitmq "docker.io/$rabbit" 5672 '[]' '          tcpSocket: {port: 5672}'
+  rabbitmq "docker.io/$rabbit"
   deployment operator "docker.io/dishpatch/operator:$tag" 9090 \
     "[\"run\", \"--namespace\", \"$NS\", \"--amqp-url\", \"$amqp\", $admin]" "$(readyz 9090)"
   deployment payment "docker.io/dishpatch/payment:$tag" 9090 \
