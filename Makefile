@@ -88,8 +88,7 @@ helm-test: ## Helm chart and kind-config.yaml: kind's loader, lint, schema, serv
 	@hack/cluster.sh up
 	@e2e/helm/test.sh
 
-helm-test-node: ## The chart on the real node: install under restricted, helm test, upgrade with orders in flight, failover, uninstall
-	@helm/images/build.sh all
+helm-test-node: ## The chart on the real node (after make node-up, images, node-load): install under restricted, helm test, upgrade with orders in flight, failover, uninstall
 	@e2e/helm/test.sh node
 
 # kind writes its own kubeconfig, never this project's .dev/kubeconfig.
@@ -97,7 +96,10 @@ KIND_KUBECONFIG := $(HOME)/.kube/config
 kind-up: ## kind cluster from kind-config.yaml, images loaded, chart installed, façade on localhost:8080 (needs Docker and kind)
 	KUBECONFIG=$(KIND_KUBECONFIG) kind create cluster --config kind-config.yaml
 	$(MAKE) images
+	docker build -q -t dishpatch/chart-test:1 -f helm/images/chart-test.Dockerfile helm/images
 	for c in operator payment kitchen delivery notification facade; do KUBECONFIG=$(KIND_KUBECONFIG) kind load docker-image --name dishpatch dishpatch/$$c:$$(hack/images.sh tag); done
+	KUBECONFIG=$(KIND_KUBECONFIG) kind load docker-image --name dishpatch dishpatch/chart-test:1
+	hack/tools.sh helm
 	KUBECONFIG=$(KIND_KUBECONFIG) $$(hack/tools.sh path helm) install dishpatch helm/dishpatch -n dishpatch --create-namespace --set image.tag=$$(hack/images.sh tag) --set facade.devLogin=true --wait
 	KUBECONFIG=$(KIND_KUBECONFIG) kubectl -n dishpatch apply -f examples/restaurant.yaml -f examples/couriers.yaml
 	@echo "façade: http://localhost:8080   (helm test dishpatch -n dishpatch places an order)"

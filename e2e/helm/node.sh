@@ -6,6 +6,64 @@ RMQ_IMAGE=$(helm/images/build.sh tags | head -1)
 TEST_IMAGE=$(helm/images/build.sh tags | tail -1)
 CTR_SOCK="$ROOT/.dev/node/containerd.sock"
 
+PV_DIR="$ROOT/.dev/node/pv"
+
+local_storage() { # a StorageClass with no provisioner and two local PVs on the node, fresh each run
+  local node i
+  node=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
+  kubectl delete pv dishpatch-helm-0 dishpatch-helm-1 --ignore-not-found --wait=true --timeout=60s >/dev/null
+  rm -rf "$PV_DIR"
+  for i in 0 1; do mkdir -p "$PV_DIR/$i"; chown 65532:65532 "$PV_DIR/$i"; done
+  {
+    cat <<EOF
+apiVersion: storage.k8s.io/v1
+kind: StorageClass
+metadata: {name: dishpatch-local}
+provisioner: kubernetes.io/no-provisioner
+volumeBindingMode: WaitForFirstConsumer
+reclaimPolicy: Retain
+EOF
+    for i in 0 1; do
+      cat <<EOF
+---
+apiVersion: v1
+kind: PersistentVolume
+metadata: {name: dishpatch-helm-$i}
+spec:
+  capacity: {storage: 1Gi}
+  accessModes: [ReadWriteOnce]
+  persistentVolumeReclaimPolicy: Retain
+  storageClassName: dishpatch-local
+  local: {path: $PV_DIR/$i}
+  nodeAffinity:
+    required:
+      nodeSelectorTerms:
+        - matchExpressions: [{key: kubernetes.io/hostname, operator: In, values: [$node]}]
+EOF
+    done
+  } | kubectl apply -f - >/dev/null
+}
+
+ledger_charges() { # <ns> <order names...>: "<name> <succeeded charges in the payment ledger>" per order
+  local ns=$1; shift
+  local pv path
+  pv=$(kubectl -n $NS get pvc $REL-payment-ledger -o jsonpath='{.spec.volumeName}')
+  path=$(kubectl get pv "$pv" -o jsonpath='{.spec.local.path}')
+  kubectl -n "$ns" get orders "$@" -o jsonpath='{range .items[*]}{.metadata.name}{" "}{.metadata.uid}{"\n"}{end}' |
+    python3 -c '
+import json, sys
+charges = {}
+for line in open(sys.argv[1]):
+    if line.strip():
+        e = json.loads(line)
+        if e["kind"] == "charge" and e["result"] == "succeeded":
+            charges[e["orderUid"]] = charges.get(e["orderUid"], 0) + 1
+for line in sys.stdin:
+    name, uid = line.split()
+    print(name, charges.get(uid, 0))
+' "$path/ledger.jsonl"
+}
+
 # two tags of the component images, both in the node's containerd: the upgrade goes from one to the other
 component_tags() {
   ctr --address "$CTR_SOCK" -n k8s.io images ls -q | sed -n 's#^docker.io/dishpatch/facade:##p' | sort -u
@@ -30,7 +88,8 @@ load_chart_images() {
 
 values() { # <tag>
   echo --set image.tag="$1" --set rabbitmq.image.repository="${RMQ_IMAGE%:*}" --set rabbitmq.image.tag="${RMQ_IMAGE##*:}" \
-    --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s
+    --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s \
+    --set payment.ledger.persistence.storageClass=dishpatch-local --set rabbitmq.persistence.storageClass=dishpatch-local
 }
 
 mint() { # <jwt key> <sub>: an HS256 customer token, as the façade's login would mint it
@@ -51,6 +110,23 @@ wait_phase() { # <ns> <order> <phase> <seconds>
   log "order $1/$2 is '$p' after $4s, want $3"; return 1
 }
 
+memory_report() { # <when>: each pod's memory (working set) and CPU from the kubelet's summary API
+  local node
+  node=$(kubectl get nodes -o jsonpath='{.items[0].metadata.name}')
+  kubectl get --raw "/api/v1/nodes/$node/proxy/stats/summary" | python3 -c '
+import json, sys
+ns, when = sys.argv[1], sys.argv[2]
+for p in sorted(json.load(sys.stdin).get("pods", []), key=lambda p: p["podRef"]["name"]):
+    if p["podRef"]["namespace"] != ns:
+        continue
+    cs = p.get("containers", [])
+    ws = sum(c.get("memory", {}).get("workingSetBytes", 0) for c in cs)
+    cpu = sum(c.get("cpu", {}).get("usageNanoCores", 0) for c in cs)
+    name = p["podRef"]["name"]
+    print(f"resources {when}: {name}: memory working set {ws / 2**20:.1f} MiB, cpu {cpu / 1e6:.0f}m")
+' "$NS" "$1" | while read -r line; do log "$line"; done
+}
+
 node_tests() {
   load_chart_images
   local tags t1 t2
@@ -58,6 +134,7 @@ node_tests() {
   [ -n "$t2" ] || t2="$t1-upgrade"
   helm uninstall $REL -n $NS --wait >/dev/null 2>&1 || true
   new_ns $NS restricted; new_ns $EXNS restricted
+  local_storage
   # CRDs applied by hand (make up) are adopted by the release that installs them
   for crd in $(kubectl get crd -o name | grep dishpatch.dev); do
     kubectl label "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
@@ -74,12 +151,11 @@ node_tests() {
   [ -z "$notready" ] || die "pods not Ready: $notready"
   ok "helm install --wait under restricted: every pod Ready in ${install_s}s ($(kubectl -n $NS get pods --no-headers | wc -l) pods, images $t1)"
 
-  # memory of each component, from the pods' cgroups on the node
-  for p in $(kubectl -n $NS get pods -o name); do
-    local uid; uid=$(kubectl -n $NS get "$p" -o jsonpath='{.metadata.uid}')
-    local f; f=$(find /sys/fs/cgroup/memory/kubepods* -maxdepth 3 -type d -name "*${uid//-/_}*" -o -maxdepth 3 -type d -name "*$uid*" 2>/dev/null | head -1)
-    [ -n "$f" ] && log "memory ${p#pod/}: $(awk '/^total_rss /{printf "%.1f MiB", $2/1048576}' "$f/memory.stat") rss, $(awk '{printf "%.1f MiB", $1/1048576}' "$f/memory.usage_in_bytes") usage"
-  done
+  # memory of each component, as the kubelet reports it (stats/summary: working set and RSS per pod)
+  memory_report "after install"
+  local policies
+  policies=$(kubectl -n $NS get networkpolicy -o name | wc -l)
+  [ "$policies" = 7 ] || die "want 7 NetworkPolicies (6 components + broker), got $policies"
 
   t0=$SECONDS
   helm test $REL -n $NS --timeout 5m >/dev/null || { kubectl -n $NS logs $REL-test-order 2>/dev/null | tail -20; die "helm test"; }
@@ -109,12 +185,18 @@ node_tests() {
   ok "a customer placed $id through the façade Service ($url) and followed it live to Delivered"
 
   # upgrade to another image tag with 20 orders in flight
-  local names=()
-  for i in $(seq 1 20); do
-    names+=("inflight-$i")
-    sed "s/name: first-order/name: inflight-$i/" examples/order.yaml
+  # espresso has no stock limit: all 20 must be accepted, paid and delivered
+  local names=() i
+  for i in $(seq 1 20); do names+=("inflight-$i"); done
+  for i in "${names[@]}"; do
+    sed -e "s/name: first-order/name: $i/" -e 's/menuItem: margherita/menuItem: espresso/' \
+      -e '/menuItem: tiramisu/,/quantity: 1/d' -e '/notes: extra basil/d' examples/order.yaml
     echo ---
   done | kubectl -n $EXNS apply -f - >/dev/null
+  [ "$(kubectl -n $EXNS get orders "${names[@]}" --no-headers | wc -l)" = 20 ] || die "20 in-flight orders not created"
+  # the upgrade starts while they are on their way (the image tag change rolls every Deployment)
+  local inflight
+  inflight=$(kubectl -n $EXNS get orders "${names[@]}" -o jsonpath='{range .items[*]}{.status.phase}{"\n"}{end}' | grep -cvx Delivered || true)
   t0=$SECONDS
   # shellcheck disable=SC2046
   helm upgrade $REL "$CHART" -n $NS $(values "$t2") --wait --timeout 5m >/dev/null || die "helm upgrade"
@@ -127,7 +209,13 @@ node_tests() {
   charges=$(kubectl -n $EXNS get orders "${names[@]}" -o jsonpath='{range .items[*]}{.status.payment.state}{" "}{.status.payment.paymentId}{"\n"}{end}')
   [ "$(grep -c '^Succeeded ' <<<"$charges")" = 20 ] || die "payments: $charges"
   [ "$(awk '{print $2}' <<<"$charges" | sort -u | wc -l)" = 20 ] || die "payment ids not one per order: $charges"
-  ok "helm upgrade $t1 -> $t2 rolled every Deployment in ${upgrade_s}s with 20 orders in flight; all 20 Delivered, one charge each"
+  # the ledger (on its PVC, across the payment pod's replacement) holds exactly one charge per order
+  local ledger
+  ledger=$(ledger_charges $EXNS "${names[@]}")
+  [ "$(awk '$2 == 1' <<<"$ledger" | wc -l)" = 20 ] || die "ledger charges per order: $ledger"
+  [ "$inflight" -ge 10 ] || die "only $inflight of 20 orders were still on their way when the upgrade began"
+  ok "helm upgrade $t1 -> $t2 rolled every Deployment in ${upgrade_s}s with 20 orders placed ($inflight not yet Delivered as it began); all 20 Delivered, one charge each (status and the ledger on its PVC)"
+  memory_report "after 20 orders and an upgrade"
 
   # leader failover
   local lease=$REL-operator leader
@@ -142,9 +230,10 @@ node_tests() {
     sleep 0.5
   done
   [ -n "$now" ] && [ "$now" != "$leader" ] || die "no standby took over from $leader"
+  local takeover_s=$((SECONDS - t0))
   sed "s/name: first-order/name: after-failover/" examples/order.yaml | kubectl -n $EXNS apply -f - >/dev/null
   wait_phase $EXNS after-failover Delivered 180 || die "order after failover"
-  ok "leader $leader deleted: $now took over in $((SECONDS - t0))s and an order placed after it was Delivered"
+  ok "leader $leader deleted: $now took over in ${takeover_s}s (lease duration $(kubectl -n $NS get lease $lease -o jsonpath='{.spec.leaseDurationSeconds}')s) and an order placed after it was Delivered"
 
   helm uninstall $REL -n $NS --wait >/dev/null || die "helm uninstall"
   kubectl get crd orders.dishpatch.dev restaurants.dishpatch.dev couriers.dishpatch.dev >/dev/null || die "CRDs gone after uninstall"
