@@ -2,8 +2,9 @@
 NS=dishpatch-helm            # release namespace, enforcing restricted
 EXNS=dishpatch-helm-examples # another namespace: the operator is cluster-wide
 REL=dishpatch
-RMQ_IMAGE=$(helm/images/build.sh tags | head -1)
-TEST_IMAGE=$(helm/images/build.sh tags | tail -1)
+# sed, not head/tail: it reads all, so the writer gets no SIGPIPE under pipefail
+RMQ_IMAGE=$(helm/images/build.sh tags | sed -n 1p)
+TEST_IMAGE=$(helm/images/build.sh tags | sed -n 2p)
 CTR_SOCK="$ROOT/.dev/node/containerd.sock"
 
 PV_DIR="$ROOT/.dev/node/pv"
@@ -64,26 +65,23 @@ for line in sys.stdin:
 ' "$path/ledger.jsonl"
 }
 
-# two tags of the component images, both in the node's containerd: the upgrade goes from one to the other
-component_tags() {
-  ctr --address "$CTR_SOCK" -n k8s.io images ls -q | sed -n 's#^docker.io/dishpatch/facade:##p' | sort -u
-}
+# The images of this tree (hack/images.sh tag) in the node's containerd, and
+# a second tag of the same images for the upgrade to roll to.
+IMAGE_TAG=${DISHPATCH_IMAGE_TAG:-$(hack/images.sh tag)}
 
 load_chart_images() {
   hack/images.sh docker-up >/dev/null
-  local ref
+  local ref c
   for ref in $RMQ_IMAGE $TEST_IMAGE; do
     docker image inspect "$ref" >/dev/null 2>&1 || helm/images/build.sh all
     docker save "$ref" | ctr --address "$CTR_SOCK" -n k8s.io images import - >/dev/null
   done
-  # a second tag for the upgrade, when the node has only one
-  local tags; tags=$(component_tags)
-  if [ "$(wc -l <<<"$tags")" -lt 2 ]; then
-    local t1; t1=$(head -1 <<<"$tags")
-    for c in operator payment kitchen delivery notification facade; do
-      ctr --address "$CTR_SOCK" -n k8s.io images tag --force "docker.io/dishpatch/$c:$t1" "docker.io/dishpatch/$c:$t1-upgrade" >/dev/null
-    done
-  fi
+  for c in operator payment kitchen delivery notification facade; do
+    ctr --address "$CTR_SOCK" -n k8s.io images ls -q | grep -qx "docker.io/dishpatch/$c:$IMAGE_TAG" ||
+      die "dishpatch/$c:$IMAGE_TAG is not on the node: make images && make node-load (or e2e/node/test.sh) first"
+    ctr --address "$CTR_SOCK" -n k8s.io images tag --force "docker.io/dishpatch/$c:$IMAGE_TAG" \
+      "docker.io/dishpatch/$c:$IMAGE_TAG-upgrade" >/dev/null
+  done
 }
 
 values() { # <tag>
@@ -129,9 +127,7 @@ for p in sorted(json.load(sys.stdin).get("pods", []), key=lambda p: p["podRef"][
 
 node_tests() {
   load_chart_images
-  local tags t1 t2
-  tags=$(component_tags); t1=$(head -1 <<<"$tags"); t2=$(sed -n 2p <<<"$tags")
-  [ -n "$t2" ] || t2="$t1-upgrade"
+  local t1=$IMAGE_TAG t2=$IMAGE_TAG-upgrade
   helm uninstall $REL -n $NS --wait >/dev/null 2>&1 || true
   new_ns $NS restricted; new_ns $EXNS restricted
   local_storage

@@ -12,7 +12,9 @@
 #                             namespace, upgrade with 20 orders in flight, leader failover,
 #                             uninstall keeps CRDs and Orders
 #   e2e/helm/test.sh all      static, server, node (default: static server)
-set -euo pipefail
+set -Eeuo pipefail
+# a failing command anywhere (the sourced node.sh too) says where, not just an exit code
+trap 'log "FAIL: exit $? at ${BASH_SOURCE[0]#"$ROOT"/}:$LINENO: $BASH_COMMAND"' ERR
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 export KUBECONFIG="${KUBECONFIG:-$ROOT/.dev/kubeconfig}"

@@ -47,7 +47,7 @@ cargo build --workspace --bins
 if [ "$DISHPATCH_IMAGE_PROFILE" = release ]; then make --no-print-directory images; else hack/images.sh build; fi
 # The broker image the chart's node test uses too: Debian's rabbitmq-server, from this host's packages.
 hack/images.sh docker-up >/dev/null
-rabbit=$(helm/images/build.sh tags | head -1)
+rabbit=$(helm/images/build.sh tags | sed -n 1p) # not head: no SIGPIPE under pipefail
 docker image inspect "$rabbit" >/dev/null 2>&1 || helm/images/build.sh rabbitmq
 images_s=$((SECONDS - s))
 
