@@ -60,8 +60,9 @@ pub fn visible(caller: &Caller, order: &Order) -> bool {
     caller.is_admin() || order.spec.customer.id == caller.0.sub
 }
 
-/// Same pattern as the CRD's: checked here too so a card number pasted into
-/// the token never reaches the apiserver (and its audit log).
+/// Same rules as the CRD's (pattern, and no card number: 12 or more digits
+/// in a row): checked here too so a card number pasted into the token never
+/// reaches the apiserver (and its audit log).
 fn valid_payment_token(t: &str) -> bool {
     let body = ["tok_", "pm_", "src_"]
         .iter()
@@ -70,6 +71,13 @@ fn valid_payment_token(t: &str) -> bool {
         && body.is_some_and(|b| {
             !b.is_empty() && b.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
         })
+        && !carries_card_number(t)
+}
+
+/// 12 or more ASCII digits in a row: the shortest card numbers have 12.
+fn carries_card_number(t: &str) -> bool {
+    t.split(|c: char| !c.is_ascii_digit())
+        .any(|run| run.len() >= 12)
 }
 
 /// Checks what only the façade can know (the restaurant and its menu, from
@@ -94,7 +102,7 @@ fn build_spec(state: &AppState, caller: &Caller, body: PlaceOrder) -> Result<Ord
     if !valid_payment_token(&body.payment.token) {
         return Err(Problem::invalid(
             "payment.token",
-            "must be a payment provider token (tok_…, pm_… or src_…); never send card data",
+            "must be a payment provider token (tok_…, pm_… or src_…) with no card number in it (12 or more digits in a row); never send card data",
         ));
     }
     let claims = &caller.0;
@@ -577,5 +585,12 @@ mod tests {
         assert!(!valid_payment_token("4242424242424242"));
         assert!(!valid_payment_token("tok_"));
         assert!(!valid_payment_token("tok_42 42"));
+        // a card number behind a provider prefix is still a card number
+        assert!(!valid_payment_token("tok_4242424242424242"));
+        assert!(!valid_payment_token("pm_x4000056655665556"));
+        assert!(!valid_payment_token("tok_424242424242"));
+        // shorter digit runs are ordinary token text
+        assert!(valid_payment_token("tok_42424242424_2"));
+        assert!(valid_payment_token("pm_1Nv0aB2eZvKYlo2C"));
     }
 }

@@ -296,6 +296,26 @@ async fn crd_rejections_are_422_problems_naming_the_field() {
     assert_eq!(card.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(card.json["errors"][0]["field"], "payment.token");
     assert!(!card.json.to_string().contains("4242"));
+    // behind a provider prefix too: the façade refuses it itself (the field
+    // is its own `payment.token`, not the CRD's `spec.payment.token`), so
+    // the number never reaches the apiserver or its audit log
+    for t in ["tok_4242424242424242", "pm_4000056655665556"] {
+        let mut card = order_body(&[("pizza", 1)]);
+        card["payment"]["token"] = t.into();
+        let card = f.post("/api/v1/orders", &token, card).await;
+        assert_eq!(
+            card.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{t}: {}",
+            card.json
+        );
+        assert_eq!(card.json["errors"][0]["field"], "payment.token", "{t}");
+        assert!(
+            !card.json.to_string().contains(&t[t.len() - 12..]),
+            "{}",
+            card.json
+        );
+    }
     let mut wrong = order_body(&[("pizza", 1)]);
     wrong["items"][0]["quantity"] = "two".into();
     let wrong = f.post("/api/v1/orders", &token, wrong).await;
@@ -308,6 +328,25 @@ async fn crd_rejections_are_422_problems_naming_the_field() {
             .await
             .unwrap();
     assert!(orders.items.is_empty());
+
+    // The log is written (an accepted order is logged), and no card number is in it.
+    let ok = f
+        .post("/api/v1/orders", &token, order_body(&[("pizza", 1)]))
+        .await;
+    assert_eq!(ok.status, StatusCode::CREATED, "{}", ok.json);
+    let (logged, log) = dishpatch_testkit::eventually(
+        Duration::from_secs(5),
+        || async { std::fs::read_to_string(&f.log).unwrap_or_default() },
+        |l| l.contains("order placed"),
+    )
+    .await;
+    assert!(logged, "the façade's log has no 'order placed': {log}");
+    for digits in ["4242424242", "4000056655665556"] {
+        assert!(
+            !log.contains(digits),
+            "a card number is in the façade's log"
+        );
+    }
 }
 
 #[tokio::test]

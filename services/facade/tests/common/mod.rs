@@ -23,6 +23,8 @@ pub struct Facade {
     /// The admin listener: /healthz, /readyz, /metrics.
     pub admin: String,
     pub key_file: PathBuf,
+    /// Everything the façade printed (info and up).
+    pub log: PathBuf,
     http: HttpClient<HttpConnector, Full<Bytes>>,
     _child: Child,
 }
@@ -80,6 +82,8 @@ impl Facade {
         std::fs::write(&key_file, "test-signing-key-0123456789abcdef\n").unwrap();
         let port = free_port();
         let admin_port = free_port();
+        let log = std::env::temp_dir().join(format!("{}.facade.log", ns.name));
+        let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(BIN)
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -90,8 +94,10 @@ impl Facade {
             .args(extra_args)
             .env("KUBECONFIG", dishpatch_testkit::kubeconfig_path())
             .env_remove("DISHPATCH_NAMESPACE")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
             .kill_on_drop(true)
             .spawn()
             .unwrap();
@@ -100,6 +106,7 @@ impl Facade {
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
             key_file,
+            log,
             http: HttpClient::builder(TokioExecutor::new()).build_http(),
             _child: child,
         };
@@ -115,7 +122,11 @@ impl Facade {
             |s| *s == Some(StatusCode::OK),
         )
         .await;
-        assert!(ready, "façade did not become ready");
+        assert!(
+            ready,
+            "façade did not become ready; log: {}",
+            facade.log.display()
+        );
         // The restaurant reaches the cache through the watch.
         let (seen, _) = dishpatch_testkit::eventually(
             Duration::from_secs(10),
