@@ -183,7 +183,7 @@ fn created(view: OrderView) -> Response {
 /// different body is a 409.
 #[utoipa::path(post, path = "/api/v1/orders", tag = "orders",
     request_body = PlaceOrder,
-    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: the same key returns the same order")),
+    params(("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = "^[!-~]+$", description = "Makes retries safe: the same key returns the same order (1 to 255 visible ASCII characters)")),
     responses(
         (status = 201, body = OrderView, description = "Placed", headers(("Location" = String))),
         (status = 200, body = OrderView, description = "A retry: the order placed earlier with this key"),
@@ -289,6 +289,7 @@ pub fn cached_order(
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<u32>,
     /// The `continue` value of the previous page.
     #[serde(rename = "continue")]

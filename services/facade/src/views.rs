@@ -98,8 +98,10 @@ impl From<&Restaurant> for RestaurantView {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OrderLine {
     /// The `id` of a menu item of the restaurant.
+    #[schema(min_length = 1, max_length = 63)]
     pub menu_item: String,
     /// 1 to 99.
+    #[schema(minimum = 1, maximum = 99)]
     pub quantity: i32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
@@ -120,7 +122,13 @@ pub struct AddressBody {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentBody {
-    /// A payment provider token (`tok_…`, `pm_…`, `src_…`). Never card data.
+    /// A payment provider token (`tok_…`, `pm_…`, `src_…`). Never card data:
+    /// 12 or more digits in a row are refused as a card number.
+    #[schema(
+        min_length = 5,
+        max_length = 128,
+        pattern = "^(tok|pm|src)_[A-Za-z0-9_]+$"
+    )]
     pub token: String,
 }
 
@@ -139,7 +147,9 @@ pub struct ContactBody {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PlaceOrder {
     /// The restaurant's `name`.
+    #[schema(min_length = 1, max_length = 253)]
     pub restaurant: String,
+    #[schema(min_items = 1, max_items = 50)]
     pub items: Vec<OrderLine>,
     pub delivery_address: AddressBody,
     pub payment: PaymentBody,
@@ -156,6 +166,7 @@ pub struct PlaceOrder {
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
     /// Why, in a sentence (1 to 500 characters).
+    #[schema(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 
@@ -164,6 +175,7 @@ pub struct CancelBody {
 #[serde(deny_unknown_fields)]
 pub struct FeedbackBody {
     /// 1 to 5 stars.
+    #[schema(minimum = 1, maximum = 5)]
     pub rating: u8,
     #[serde(default)]
     pub comment: Option<String>,
