@@ -238,7 +238,19 @@ where
 
 /// Object fixtures shared by the integration tests.
 pub mod fixtures {
+    use dishpatch_api::courier::Courier;
     use dishpatch_api::{Order, Restaurant};
+
+    /// A courier on a bicycle in `zone`.
+    pub fn courier(name: &str, zone: &str, on_shift: bool) -> Courier {
+        let value = serde_json::json!({
+            "apiVersion": "dishpatch.dev/v1alpha1",
+            "kind": "Courier",
+            "metadata": {"name": name},
+            "spec": {"displayName": name, "zone": zone, "onShift": on_shift, "vehicle": "Bicycle"}
+        });
+        serde_json::from_value(value).unwrap_or_else(|e| panic!("courier fixture: {e}"))
+    }
 
     /// A restaurant with `pizza` (950, stock as given) and unlimited `water` (200).
     pub fn restaurant(name: &str, open: bool, pizza_stock: Option<i64>) -> Restaurant {

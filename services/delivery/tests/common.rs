@@ -165,15 +165,11 @@ impl Bed {
     }
 
     pub async fn courier(&self, name: &str, on_shift: bool) -> Courier {
-        let c: Courier = serde_json::from_value(serde_json::json!({
-            "apiVersion": "dishpatch.dev/v1alpha1",
-            "kind": "Courier",
-            "metadata": {"name": name},
-            "spec": {"displayName": name, "zone": ZONE, "onShift": on_shift, "vehicle": "Bicycle"}
-        }))
-        .unwrap();
         self.couriers()
-            .create(&PostParams::default(), &c)
+            .create(
+                &PostParams::default(),
+                &fixtures::courier(name, ZONE, on_shift),
+            )
             .await
             .unwrap()
     }

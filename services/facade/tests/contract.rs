@@ -113,13 +113,7 @@ async fn openapi_contract_holds_under_schemathesis() {
         &["--rate-limit", "100000", "--rate-burst", "100000"],
         |client, ns| async move {
             // The courier token's subject has a Courier, so its endpoints see one.
-            let courier: dishpatch_api::courier::Courier = serde_json::from_value(serde_json::json!({
-                "apiVersion": "dishpatch.dev/v1alpha1",
-                "kind": "Courier",
-                "metadata": {"name": "courier-contract"},
-                "spec": {"displayName": "Contract", "zone": "mitte", "onShift": true, "vehicle": "Bicycle"}
-            }))
-            .unwrap();
+            let courier = dishpatch_testkit::fixtures::courier("courier-contract", "mitte", true);
             kube::Api::<dishpatch_api::courier::Courier>::namespaced(client, &ns)
                 .create(&Default::default(), &courier)
                 .await
