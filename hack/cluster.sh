@@ -144,7 +144,7 @@ KC
 
 apiserver_ready() {
   curl -fsS --max-time 2 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
-    "https://127.0.0.1:$APISERVER_PORT/readyz" | grep -q '^ok$'
+    "https://127.0.0.1:$APISERVER_PORT/readyz" | grep '^ok$' >/dev/null
 }
 
 up() {

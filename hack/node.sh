@@ -73,7 +73,7 @@ wait_for() { # wait_for WHAT SECONDS CMD...
 packages() {
   local missing=() p
   for p in containerd runc containernetworking-plugins iptables conntrack socat gcc libc6-dev; do
-    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing ${missing[*]}"
@@ -127,7 +127,7 @@ bridge() {
   if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     ip link add "$BRIDGE" type bridge
   fi
-  ip addr show dev "$BRIDGE" | grep -q "inet $NODE_IP/" || ip addr add "$NODE_IP/24" dev "$BRIDGE"
+  ip addr show dev "$BRIDGE" | grep "inet $NODE_IP/" >/dev/null || ip addr add "$NODE_IP/24" dev "$BRIDGE"
   ip link set "$BRIDGE" up
   # Routed pod traffic (pod -> Service -> pod) and bridged replies must pass
   # through iptables for kube-proxy's NAT to be undone.
@@ -213,7 +213,7 @@ EOF
 }
 
 pause_image() {
-  ctr_ images ls -q 2>/dev/null | grep -qx "$PAUSE_IMAGE" && return 0
+  ctr_ images ls -q 2>/dev/null | grep -x "$PAUSE_IMAGE" >/dev/null && return 0
   "$ROOT/hack/images.sh" docker-up
   local ctx src
   ctx=$(mktemp -d)
@@ -234,7 +234,7 @@ coredns_image() {
   "$ROOT/hack/tools.sh" coredns
   bin=$("$ROOT/hack/tools.sh" path coredns)
   version=$("$ROOT/hack/tools.sh" version coredns)
-  ctr_ images ls -q 2>/dev/null | grep -qx "$COREDNS_IMAGE:$version" && return 0
+  ctr_ images ls -q 2>/dev/null | grep -x "$COREDNS_IMAGE:$version" >/dev/null && return 0
   "$ROOT/hack/images.sh" docker-up
   local ctx; ctx=$(mktemp -d)
   cp "$bin" "$ctx/coredns"
@@ -248,7 +248,7 @@ coredns_image() {
 ctr_() { ctr --address "$CTR_SOCK" -n k8s.io "$@"; }
 
 node_ready() {
-  kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True
+  kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -x True >/dev/null
 }
 
 up() {

@@ -77,7 +77,7 @@ load_chart_images() {
     docker save "$ref" | ctr --address "$CTR_SOCK" -n k8s.io images import - >/dev/null
   done
   for c in operator payment kitchen delivery notification facade; do
-    ctr --address "$CTR_SOCK" -n k8s.io images ls -q | grep -qx "docker.io/dishpatch/$c:$IMAGE_TAG" ||
+    ctr --address "$CTR_SOCK" -n k8s.io images ls -q | grep -x "docker.io/dishpatch/$c:$IMAGE_TAG" >/dev/null ||
       die "dishpatch/$c:$IMAGE_TAG is not on the node: make images && make node-load (or e2e/node/test.sh) first"
     ctr --address "$CTR_SOCK" -n k8s.io images tag --force "docker.io/dishpatch/$c:$IMAGE_TAG" \
       "docker.io/dishpatch/$c:$IMAGE_TAG-upgrade" >/dev/null
@@ -198,7 +198,7 @@ node_tests() {
   helm upgrade $REL "$CHART" -n $NS $(values "$t2") --wait --timeout 5m >/dev/null || die "helm upgrade"
   local upgrade_s=$((SECONDS - t0))
   for d in $(kubectl -n $NS get deploy -o name); do
-    kubectl -n $NS get "$d" -o jsonpath='{.spec.template.spec.containers[0].image}' | grep -q ":$t2\$" || die "$d not on $t2"
+    kubectl -n $NS get "$d" -o jsonpath='{.spec.template.spec.containers[0].image}' | grep ":$t2\$" >/dev/null || die "$d not on $t2"
   done
   for n in "${names[@]}"; do wait_phase $EXNS "$n" Delivered 240 || die "in-flight order $n"; done
   local charges

@@ -30,7 +30,7 @@ closure() {
     --no-conflicts --no-breaks --no-replaces --no-enhances "$@" 2>/dev/null |
     grep -v '^ ' | sed 's/:.*//; s/^<//; s/>$//' | sort -u |
     while read -r p; do
-      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' && echo "$p"
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep 'install ok installed' >/dev/null && echo "$p"
     done
 }
 
