@@ -904,11 +904,11 @@ impl Dispatcher {
                         .await?;
                 }
             }
-            if settled(&c).is_some() {
-                self.couriers
-                    .update(&namespace, &name, Some(c.clone()), settled)
-                    .await?;
-            }
+            // `update` writes only when `settled` has something to say, and
+            // starts from the listed copy: no extra read for a settled courier.
+            self.couriers
+                .update(&namespace, &name, Some(c.clone()), settled)
+                .await?;
             let Some(s) = &c.status else { continue };
             // Through DeserializeGuard: one Order that does not parse must
             // not abort the sweep for every courier listed after its own.
