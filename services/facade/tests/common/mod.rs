@@ -66,6 +66,25 @@ impl Facade {
         F: FnOnce(kube::Client, String) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        Self::launch(prefix, None, extra_args, setup).await
+    }
+
+    /// Like [`start`](Self::start), with `key_args` (for example
+    /// `["--jwt-key-dir", dir]`) instead of `--jwt-key-file <key_file>`.
+    pub async fn start_keyed(prefix: &str, key_args: &[&str], extra_args: &[&str]) -> Facade {
+        Self::launch(prefix, Some(key_args), extra_args, |_, _| async {}).await
+    }
+
+    async fn launch<F, Fut>(
+        prefix: &str,
+        key_args: Option<&[&str]>,
+        extra_args: &[&str],
+        setup: F,
+    ) -> Facade
+    where
+        F: FnOnce(kube::Client, String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let client = dishpatch_testkit::client()
             .await
             .expect("control plane (make up)");
@@ -84,13 +103,17 @@ impl Facade {
         let admin_port = free_port();
         let log = std::env::temp_dir().join(format!("{}.facade.log", ns.name));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(BIN)
+        let mut command = Command::new(BIN);
+        command
             .arg("run")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args(["--namespace", &ns.name])
-            .arg("--jwt-key-file")
-            .arg(&key_file)
+            .args(["--namespace", &ns.name]);
+        match key_args {
+            Some(args) => command.args(args),
+            None => command.arg("--jwt-key-file").arg(&key_file),
+        };
+        let child = command
             .args(extra_args)
             .env("KUBECONFIG", dishpatch_testkit::kubeconfig_path())
             .env_remove("DISHPATCH_NAMESPACE")
@@ -148,6 +171,11 @@ impl Facade {
         .await;
         assert!(seen, "restaurant not in the façade's cache");
         facade
+    }
+
+    /// The façade process's id (to show it was not restarted).
+    pub fn pid(&self) -> Option<u32> {
+        self._child.id()
     }
 
     /// A URL on the admin listener.
