@@ -6,6 +6,7 @@ mod auth;
 mod cache;
 mod courier;
 mod events;
+mod keysource;
 mod metrics;
 mod openapi;
 mod orders;
@@ -22,11 +23,11 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use dishpatch_runtime::Health;
-use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use prometheus_client::registry::Registry;
 
-use crate::auth::{Keys, Role};
+use crate::auth::{KeySet, Keys, Role};
+use crate::keysource::KeySource;
 
 #[derive(Parser)]
 #[command(
@@ -44,7 +45,7 @@ enum Command {
     /// Serve the API, the web page and the admin endpoints.
     Run(Box<RunConfig>),
     /// Mint a token for development and tests; prints it on stdout.
-    Token(TokenArgs),
+    Token(Box<TokenArgs>),
     /// Print the OpenAPI document.
     Openapi,
 }
@@ -72,6 +73,14 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())
 }
 
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
 #[derive(clap::Args)]
 struct RunConfig {
     /// Address of the API and the web page (public).
@@ -88,12 +97,26 @@ struct RunConfig {
     /// Namespace orders are created in and read from (and restaurants and couriers read from).
     #[arg(long, env = "DISHPATCH_NAMESPACE", default_value = "default")]
     namespace: String,
-    /// File holding the HS256 signing key (at least 16 bytes).
-    #[arg(long, env = "DISHPATCH_JWT_KEY_FILE", conflicts_with = "jwt_secret")]
+    /// File holding the one HS256 key (at least 16 bytes); its kid is
+    /// derived from the key. Re-read every --jwt-key-poll-interval.
+    #[arg(long, env = "DISHPATCH_JWT_KEY_FILE", conflicts_with_all = ["jwt_secret", "jwt_key_dir"])]
     jwt_key_file: Option<PathBuf>,
-    /// Secret in --namespace whose key `key` holds the signing key.
+    /// Directory holding the key set: one file per HS256 key, named by its
+    /// kid, and a file `current` naming the kid that signs (a Secret
+    /// mounted as a volume). Re-read every --jwt-key-poll-interval.
+    #[arg(long, env = "DISHPATCH_JWT_KEY_DIR", conflicts_with = "jwt_secret")]
+    jwt_key_dir: Option<PathBuf>,
+    /// Secret in --namespace holding the key set, one data entry per key
+    /// as in --jwt-key-dir (a Secret with only `key` is one key, kid `key`).
     #[arg(long, env = "DISHPATCH_JWT_SECRET")]
     jwt_secret: Option<String>,
+    /// How often the key file, directory or Secret is re-read.
+    #[arg(long, env = "DISHPATCH_JWT_KEY_POLL_INTERVAL", default_value = "5s",
+        value_parser = parse_positive_duration)]
+    jwt_key_poll_interval: Duration,
+    /// How long a key removed from the set (or replaced) is still accepted.
+    #[arg(long, env = "DISHPATCH_JWT_KEY_GRACE", default_value = "5m", value_parser = parse_duration)]
+    jwt_key_grace: Duration,
     /// Tokens must carry exactly this `iss` (unchecked when unset).
     #[arg(long, env = "DISHPATCH_JWT_ISSUER")]
     jwt_issuer: Option<String>,
@@ -122,15 +145,22 @@ struct RunConfig {
 }
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("keys").required(true))]
 struct TokenArgs {
     #[arg(long, value_enum)]
     role: Role,
     /// Customer id, or the Courier resource's name.
     #[arg(long)]
     sub: String,
-    /// File holding the HS256 signing key.
-    #[arg(long)]
-    key_file: PathBuf,
+    /// File holding the HS256 signing key (as --jwt-key-file).
+    #[arg(long, group = "keys")]
+    key_file: Option<PathBuf>,
+    /// Key directory (as --jwt-key-dir): signs with the key `current` names.
+    #[arg(long, group = "keys")]
+    key_dir: Option<PathBuf>,
+    /// Sign with this key of --key-dir instead.
+    #[arg(long, requires = "key_dir")]
+    kid: Option<String>,
     /// How long the token is valid.
     #[arg(long, default_value = "1h", value_parser = parse_duration)]
     ttl: Duration,
@@ -155,7 +185,7 @@ struct TokenArgs {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Run(config) => run(*config).await,
-        Command::Token(args) => token(args),
+        Command::Token(args) => token(*args),
         Command::Openapi => {
             use utoipa::OpenApi as _;
             println!(
@@ -168,33 +198,37 @@ async fn main() -> anyhow::Result<()> {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    let keys = Keys::from_file(&args.key_file)?.expecting(args.issuer, args.audience);
+    let raw = match (&args.key_file, &args.key_dir) {
+        (Some(file), _) => auth::read_key_file(file)?,
+        (None, Some(dir)) => keysource::read_dir(dir)?,
+        (None, None) => bail!("set --key-file or --key-dir"),
+    };
+    let keys = Keys::new(KeySet::parse(&raw)?).expecting(args.issuer, args.audience);
     let mut claims = auth::claims(&args.sub, args.role, args.ttl);
     claims.name = args.name;
     claims.email = args.email;
     claims.phone = args.phone;
-    println!("{}", keys.mint(&claims)?);
+    println!("{}", keys.mint_with(&claims, args.kid.as_deref())?);
     Ok(())
 }
 
-async fn load_keys(config: &RunConfig, client: &Client) -> anyhow::Result<Keys> {
+fn key_source(config: &RunConfig, client: &Client) -> anyhow::Result<KeySource> {
     if let Some(path) = &config.jwt_key_file {
-        return Ok(Keys::from_file(path)?);
+        return Ok(KeySource::File(path.clone()));
+    }
+    if let Some(dir) = &config.jwt_key_dir {
+        return Ok(KeySource::Dir(dir.clone()));
     }
     let Some(name) = &config.jwt_secret else {
-        bail!("set --jwt-key-file or --jwt-secret: the façade needs a key to verify tokens");
+        bail!(
+            "set --jwt-key-file, --jwt-key-dir or --jwt-secret: the façade needs keys to verify tokens"
+        );
     };
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &config.namespace);
-    let secret = tokio::time::timeout(config.api_timeout, secrets.get(name))
-        .await
-        .context("reading the JWT secret timed out")?
-        .with_context(|| format!("reading Secret {}/{name}", config.namespace))?;
-    let key = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get("key"))
-        .with_context(|| format!("Secret {}/{name} has no key `key`", config.namespace))?;
-    Ok(Keys::from_secret(&key.0)?)
+    Ok(KeySource::Secret {
+        api: Box::new(Api::namespaced(client.clone(), &config.namespace)),
+        name: name.clone(),
+        timeout: config.api_timeout,
+    })
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
@@ -203,12 +237,28 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the apiserver")?;
-    let keys = load_keys(&config, &client)
-        .await?
-        .expecting(config.jwt_issuer.clone(), config.jwt_audience.clone());
-
     let mut registry = Registry::default();
     let metrics = Arc::new(metrics::Metrics::register(&mut registry));
+
+    let source = key_source(&config, &client)?;
+    let (raw, set) = source
+        .load()
+        .await
+        .with_context(|| format!("loading the JWT keys from the {source}"))?;
+    tracing::info!(%source, keys = %set.kids().join(","), signer = ?set.signer(), "loaded the JWT keys");
+    let keys = Keys::new(set)
+        .expecting(config.jwt_issuer.clone(), config.jwt_audience.clone())
+        .with_grace(config.jwt_key_grace);
+    metrics
+        .jwt_keys
+        .set(i64::try_from(keys.accepted_at(std::time::Instant::now())).unwrap_or(i64::MAX));
+    tokio::spawn(keysource::reload(
+        source,
+        keys.clone(),
+        metrics.clone(),
+        config.jwt_key_poll_interval,
+        raw,
+    ));
     let health = Health::default();
     health.set_ready(false, "starting");
     let caches = cache::Caches::start(&client, &config.namespace, health.clone());
@@ -290,5 +340,22 @@ mod tests {
             !parses(&["--max-streams-per-subject", "0"]),
             "--max-streams-per-subject 0 was accepted"
         );
+    }
+
+    #[test]
+    fn key_sources_exclude_each_other() {
+        // A poll interval of zero would spin.
+        assert!(!parses(&["--jwt-key-poll-interval", "0s"]));
+        assert!(parses(&[
+            "--jwt-key-poll-interval",
+            "200ms",
+            "--jwt-key-grace",
+            "0s"
+        ]));
+        assert!(!parses(&["--jwt-key-dir", "/tmp"]));
+        assert!(!parses(&["--jwt-secret", "jwt"]));
+        let dir = ["dishpatch-facade", "run", "--jwt-key-dir", "/tmp"];
+        assert!(Cli::try_parse_from(dir).is_ok());
+        assert!(Cli::try_parse_from(dir.iter().chain(&["--jwt-secret", "jwt"])).is_err());
     }
 }

@@ -14,6 +14,17 @@ pub struct RequestLabels {
     pub code: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+impl ReloadLabels {
+    pub const OK: Self = Self { result: "ok" };
+    pub const ERROR: Self = Self { result: "error" };
+}
+
 #[derive(Default)]
 pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
@@ -22,6 +33,8 @@ pub struct Metrics {
     pub rate_limited: Counter,
     pub sse_clients: Gauge,
     pub api_unavailable: Counter,
+    pub key_reloads: Family<ReloadLabels, Counter>,
+    pub jwt_keys: Gauge,
 }
 
 impl Metrics {
@@ -53,6 +66,16 @@ impl Metrics {
             "api_unavailable",
             "Requests answered 503 because the Kubernetes API failed or timed out",
             m.api_unavailable.clone(),
+        );
+        r.register(
+            "jwt_key_reloads",
+            "Changed JWT key sets seen: loaded (ok) or refused, keeping the last good keys (error)",
+            m.key_reloads.clone(),
+        );
+        r.register(
+            "jwt_keys",
+            "JWT keys tokens are accepted with, counting removed keys still in their grace",
+            m.jwt_keys.clone(),
         );
         m
     }

@@ -362,3 +362,60 @@ async fn a_key_directory_rotates_with_a_grace_for_removed_keys() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
     assert_eq!(f.pid(), pid, "the façade restarted");
 }
+
+#[tokio::test]
+async fn a_key_secret_updated_through_the_api_is_picked_up_without_a_restart() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+
+    fn secret(entries: &[(&str, &str)]) -> Secret {
+        Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("facade-jwt".into()),
+                ..Default::default()
+            },
+            data: Some(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+    let f = Facade::start_keyed_with(
+        "fc-jwtsecret",
+        &["--jwt-secret", "facade-jwt"],
+        &["--jwt-key-poll-interval", "200ms"],
+        |client, ns| async move {
+            kube::Api::<Secret>::namespaced(client, &ns)
+                .create(&Default::default(), &secret(&[("a", KEY_A)]))
+                .await
+                .unwrap();
+        },
+    )
+    .await;
+    let pid = f.pid();
+    let a = sign(KEY_A, Some("a"), "cust-a");
+    let r = f.get("/api/v1/orders", &a).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+
+    let mut next = secret(&[("a", KEY_A), ("b", KEY_B), ("current", "b")]);
+    next.metadata.name = None;
+    f.ns.api::<Secret>()
+        .patch(
+            "facade-jwt",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&next),
+        )
+        .await
+        .unwrap();
+    let b = sign(KEY_B, Some("b"), "cust-b");
+    assert!(
+        answers(&f, &b, StatusCode::OK).await,
+        "a key added to the Secret was refused without a restart"
+    );
+    let r = f.get("/api/v1/orders", &a).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(f.pid(), pid, "the façade restarted");
+}

@@ -75,6 +75,20 @@ impl Facade {
         Self::launch(prefix, Some(key_args), extra_args, |_, _| async {}).await
     }
 
+    /// [`start_keyed`](Self::start_keyed) running `setup` first, as [`start_with`](Self::start_with).
+    pub async fn start_keyed_with<F, Fut>(
+        prefix: &str,
+        key_args: &[&str],
+        extra_args: &[&str],
+        setup: F,
+    ) -> Facade
+    where
+        F: FnOnce(kube::Client, String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        Self::launch(prefix, Some(key_args), extra_args, setup).await
+    }
+
     async fn launch<F, Fut>(
         prefix: &str,
         key_args: Option<&[&str]>,
