@@ -60,6 +60,8 @@ pub enum KeyError {
     },
     #[error("reading Secret {0}")]
     Secret(String),
+    #[error("reading the keys: {0}")]
+    Task(String),
     #[error("key {kid:?} is shorter than {MIN_KEY_BYTES} bytes")]
     TooShort { kid: String },
     #[error("the key set holds no key")]
@@ -765,6 +767,71 @@ mod tests {
         // An unchanged set changes nothing.
         let same = keys.replace_at(set(&[("k", B)]).unwrap(), t0);
         assert_eq!(same, Change::default());
+    }
+
+    proptest::proptest! {
+        /// Any sequence of key sets, each seen some seconds after the last:
+        /// a key (kid and secret) is accepted exactly while it is in the
+        /// set or less than the grace has passed since the last set that
+        /// dropped it, with its kid or without one.
+        #[test]
+        fn keys_are_accepted_while_present_or_in_grace(
+            steps in proptest::collection::vec(
+                (proptest::collection::vec(0u8..3, 3), 0u64..50, 0u64..50),
+                1..8,
+            )
+        ) {
+            const GRACE: Duration = Duration::from_secs(30);
+            // Three kids, two possible secrets each: 0 absent, 1 or 2.
+            let secret = |kid: usize, v: u8| format!("secret-{kid}-{v}-0123456789abcdef");
+            let universe: Vec<(usize, u8)> =
+                (0..3).flat_map(|k| [(k, 1), (k, 2)]).collect();
+            let tokens: Vec<(String, String)> = universe
+                .iter()
+                .map(|&(k, v)| {
+                    let kid = format!("k{k}");
+                    (token(&secret(k, v), Some(&kid), "x"), token(&secret(k, v), None, "x"))
+                })
+                .collect();
+            let build = |choice: &[u8]| {
+                let entries: Vec<(String, String)> = choice
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, v)| **v > 0)
+                    .map(|(k, v)| (format!("k{k}"), secret(k, *v)))
+                    .collect();
+                let entries: Vec<(&str, &str)> =
+                    entries.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+                set(&entries)
+            };
+            let t0 = Instant::now();
+            let mut now = t0;
+            let mut present: Vec<bool> = vec![false; universe.len()];
+            let mut removed: Vec<Option<Instant>> = vec![None; universe.len()];
+            let mut keys: Option<Keys> = None;
+            for (choice, wait, probe) in steps {
+                let Ok(next) = build(&choice) else { continue };
+                now += Duration::from_secs(wait);
+                match &keys {
+                    None => keys = Some(Keys::new(next).with_grace(GRACE)),
+                    Some(k) => { k.replace_at(next, now); }
+                }
+                for (i, &(k, v)) in universe.iter().enumerate() {
+                    let here = choice[k] == v;
+                    if present[i] && !here {
+                        removed[i] = Some(now);
+                    }
+                    present[i] = here;
+                }
+                let keys = keys.as_ref().unwrap();
+                let at = now + Duration::from_secs(probe);
+                for (i, (with_kid, bare)) in tokens.iter().enumerate() {
+                    let want = present[i] || removed[i].is_some_and(|r| at < r + GRACE);
+                    proptest::prop_assert_eq!(keys.verify_at(with_kid, at).is_ok(), want, "key {:?} with kid", universe[i]);
+                    proptest::prop_assert_eq!(keys.verify_at(bare, at).is_ok(), want, "key {:?} without kid", universe[i]);
+                }
+            }
+        }
     }
 
     #[test]

@@ -103,13 +103,13 @@ impl KeySource {
                 let path = path.clone();
                 tokio::task::spawn_blocking(move || crate::auth::read_key_file(&path))
                     .await
-                    .unwrap_or_else(|e| Err(KeyError::Secret(e.to_string())))
+                    .unwrap_or_else(|e| Err(KeyError::Task(e.to_string())))
             }
             Self::Dir(dir) => {
                 let dir = dir.clone();
                 tokio::task::spawn_blocking(move || read_dir(&dir))
                     .await
-                    .unwrap_or_else(|e| Err(KeyError::Secret(e.to_string())))
+                    .unwrap_or_else(|e| Err(KeyError::Task(e.to_string())))
             }
             Self::Secret { api, name, timeout } => {
                 let secret = tokio::time::timeout(*timeout, api.get(name))
