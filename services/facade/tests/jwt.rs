@@ -255,11 +255,16 @@ async fn a_key_directory_rotates_with_a_grace_for_removed_keys() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
 
     // B joins and signs; A stays.
+    let written = Instant::now();
     kubelet_write(&dir.0, &[("a", KEY_A), ("b", KEY_B), ("current", "b\n")]);
     let b = sign(KEY_B, Some("b"), "cust-b");
     assert!(
         answers(&f, &b, StatusCode::OK).await,
         "a token signed with the added key was refused without a restart"
+    );
+    println!(
+        "B accepted {:?} after the write (poll 200ms)",
+        written.elapsed()
     );
     for t in [&a, &a_bare] {
         let r = f.get("/api/v1/orders", t).await;
@@ -318,6 +323,7 @@ async fn a_key_directory_rotates_with_a_grace_for_removed_keys() {
         after >= GRACE,
         "a removed key was refused {after:?} after its removal, within the {GRACE:?} grace"
     );
+    println!("A refused {after:?} after its removal (grace {GRACE:?}, poll 200ms)");
     let r = refused.1;
     assert_eq!(r.content_type(), "application/problem+json", "{}", r.json);
     assert_eq!(r.json["status"], 401);
