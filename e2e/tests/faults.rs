@@ -50,6 +50,7 @@ async fn flow(bed: &Bed, orders: usize) -> Vec<Follower> {
 /// while the fault lasts; waits until all have.
 async fn reconnect_all(followers: &[Follower]) {
     let before: Vec<u32> = followers.iter().map(Follower::reconnects).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     for f in followers {
         f.cut();
     }
@@ -160,13 +161,22 @@ async fn store_fault(s: &Scenario, name: &str, stop: &str, down_for: Duration) {
     let followers = flow(&bed, ORDERS).await;
 
     let down = Instant::now();
-    s.cluster.stop(stop).await;
-    eprintln!("faults: {name}: {stop} stopped");
+    // The live-tracking clients lose their connections as the fault
+    // begins, and reconnect while it lasts.
+    tokio::join!(s.cluster.stop(stop), reconnect_all(&followers));
+    eprintln!(
+        "faults: {name}: {stop} stopped (SIGTERM) in {:.1} s",
+        down.elapsed().as_secs_f64()
+    );
     assert_unavailable(&bed, &token, &key).await;
-    reconnect_all(&followers).await;
     tokio::time::sleep(down_for.saturating_sub(down.elapsed())).await;
 
+    let restarting = Instant::now();
     s.cluster.start_control_plane().await;
+    eprintln!(
+        "faults: {name}: {stop} started and ready in {:.1} s",
+        restarting.elapsed().as_secs_f64()
+    );
     eprintln!(
         "faults: {name}: {stop} back after {:.1} s down",
         down.elapsed().as_secs_f64()
@@ -180,7 +190,7 @@ async fn store_fault(s: &Scenario, name: &str, stop: &str, down_for: Duration) {
     );
     bed.assert_nothing_lost(ORDERS + 1).await;
     for f in followers {
-        f.assert_saw_every_transition().await;
+        f.assert_saw_every_transition(&bed.truth).await;
     }
 }
 
@@ -204,7 +214,7 @@ async fn rabbitmq_restarts_mid_flow() {
     let followers = flow(&bed, ORDERS).await;
 
     let down = Instant::now();
-    s.cluster.rabbitmq_down().await;
+    tokio::join!(s.cluster.rabbitmq_down(), reconnect_all(&followers));
     eprintln!(
         "faults: rabbitmq: stopped in {:.1} s",
         down.elapsed().as_secs_f64()
@@ -212,7 +222,6 @@ async fn rabbitmq_restarts_mid_flow() {
     // The façade needs no broker: orders are still taken.
     let placed = bed.facade.place(&token).await.unwrap();
     assert_eq!(placed.status, StatusCode::CREATED, "{}", placed.body);
-    reconnect_all(&followers).await;
     s.cluster.rabbitmq_up().await;
     eprintln!(
         "faults: rabbitmq: back after {:.1} s down",
@@ -226,7 +235,7 @@ async fn rabbitmq_restarts_mid_flow() {
     );
     bed.assert_nothing_lost(ORDERS + 1).await;
     for f in followers {
-        f.assert_saw_every_transition().await;
+        f.assert_saw_every_transition(&bed.truth).await;
     }
 }
 
