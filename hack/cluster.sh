@@ -5,11 +5,13 @@
 # `make test`.
 #
 #   hack/cluster.sh up          start the control plane and RabbitMQ (idempotent), apply the CRDs
+#   hack/cluster.sh control-plane   the same without RabbitMQ (start it beside with rabbitmq-up)
 #   hack/cluster.sh platform    also start the dishpatch components from the built binaries
 #   hack/cluster.sh down        stop everything this script started
 #   hack/cluster.sh status      what runs, and where
 #   hack/cluster.sh vhost NAME  create a RabbitMQ vhost (for tests) and print its AMQP URL
 #   hack/cluster.sh rabbitmq-up|rabbitmq-down   just the broker
+#   hack/cluster.sh stop NAME   stop one daemon this script started (etcd, kube-apiserver, ...) by its pidfile
 #   hack/cluster.sh clean       down, then delete all local state (.dev/)
 #
 # State lives in .dev/ (kubeconfig, certificates, etcd data, logs, pids).
@@ -147,7 +149,7 @@ apiserver_ready() {
     "https://127.0.0.1:$APISERVER_PORT/readyz" | grep '^ok$' >/dev/null
 }
 
-up() {
+control_plane() {
   command -v kubectl >/dev/null || die "kubectl is required"
   "$ROOT/hack/tools.sh" all
   local etcd apiserver kcm
@@ -222,7 +224,12 @@ up() {
   export KUBECONFIG="$KUBECONFIG_PATH"
   kubectl apply --server-side --force-conflicts --field-manager dishpatch-crds -f "$ROOT/crds/" >/dev/null
   kubectl wait --for condition=established --timeout 60s -f "$ROOT/crds/" >/dev/null
+}
+
+up() {
+  control_plane
   rabbitmq_up
+  export KUBECONFIG="$KUBECONFIG_PATH"
   log "control plane ready: Kubernetes $(kubectl version -o json | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | tail -1) at https://127.0.0.1:$APISERVER_PORT"
 }
 
@@ -339,6 +346,8 @@ status() {
 
 case "${1:-}" in
   up) up ;;
+  control-plane) control_plane ;;
+  stop) stop "${2:?daemon name}" ;;
   platform) platform ;;
   vhost) vhost "${2:?vhost name}" ;;
   rabbitmq-up) rabbitmq_up ;;     # just the broker (with DISHPATCH_DEV_DIR/DISHPATCH_AMQP_PORT: a second one)
@@ -346,5 +355,5 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   clean) down; rm -rf "$DEV" ;;
-  *) echo "usage: $0 up|platform|down|status|vhost NAME|clean" >&2; exit 2 ;;
+  *) echo "usage: $0 up|control-plane|platform|down|status|vhost NAME|stop NAME|clean" >&2; exit 2 ;;
 esac
