@@ -64,6 +64,7 @@ static() {
   refuse "at '/facade/service/nodePort'" --set facade.service.nodePort=8080
   refuse "at '/watchNamespaces': maxItems: got 2, want 1" --set-json 'watchNamespaces=["a","b"]'
   refuse "at '/operator/leaseDuration': 'fifteen' does not match pattern" --set operator.leaseDuration=fifteen
+  refuse "at '/notification/claimTimeout': 'soon' does not match pattern" --set notification.claimTimeout=soon
   refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
   ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 2 kitchens, bad enums and durations"
 
