@@ -279,4 +279,171 @@ mod tests {
         let read: Vec<NotificationRecord> = serde_json::from_value(stored.clone()).unwrap();
         assert_eq!(serde_json::to_value(&read).unwrap(), stored);
     }
+
+    mod model {
+        //! The claim rules under every interleaving of replicas handling
+        //! copies of one event, with the compare-and-swap as the apiserver
+        //! does it (replace only if the section is still what was read).
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone, PartialEq)]
+        enum Step {
+            /// Read the Order and decide.
+            Read,
+            /// Claim-swap from what was read.
+            Claim(Vec<NotificationRecord>),
+            Send,
+            /// Settle-swap from the section as written (or last read),
+            /// and whether the send went out.
+            Settle(Vec<NotificationRecord>, bool),
+            Done,
+            Crashed,
+        }
+
+        struct Replica {
+            me: Me,
+            holder: String,
+            step: Step,
+            claimed_at: Timestamp,
+        }
+
+        const EVENT: &str = "u.order.accepted";
+
+        struct Outcome {
+            sends: usize,
+            store: Vec<NotificationRecord>,
+            finished: bool,
+            /// A replica recorded `Sent` only after its claim had expired:
+            /// the one case the guarantee leaves out.
+            late_records: usize,
+        }
+
+        /// Runs the schedule: each entry picks a replica to step (modulo)
+        /// and how far the clock moves first; `crash` stops one replica
+        /// just after its claim went in, before it sent.
+        fn run(schedule: &[(usize, u8)], replicas: usize, crash: Option<usize>) -> Outcome {
+            let mut store: Vec<NotificationRecord> = Vec::new();
+            let (mut sends, mut late_records) = (0, 0);
+            let mut now = at(0);
+            let mut rs: Vec<Replica> = (0..replicas)
+                .map(|i| {
+                    let me = Me::new(&format!("pod-{i}"), at(0));
+                    let holder = me.holder(0);
+                    Replica {
+                        me,
+                        holder,
+                        step: Step::Read,
+                        claimed_at: at(0),
+                    }
+                })
+                .collect();
+            // After the schedule, everyone still running gets turns in
+            // order, the clock moving on, until done: liveness.
+            let tail = (0..4000).map(|n| (n, 7_u8));
+            for (pick, dt) in schedule.iter().copied().chain(tail) {
+                if rs
+                    .iter()
+                    .all(|r| matches!(r.step, Step::Done | Step::Crashed))
+                {
+                    break;
+                }
+                now = now
+                    .checked_add(Duration::from_secs(u64::from(dt % 8)))
+                    .unwrap();
+                let i = pick % replicas;
+                let r = &mut rs[i];
+                r.step = match std::mem::replace(&mut r.step, Step::Done) {
+                    Step::Read => {
+                        match seen(&store, EVENT, Email, &r.me, &HashSet::new(), now, TIMEOUT) {
+                            Seen::Sent => Step::Done,
+                            Seen::Busy { .. } => Step::Read,
+                            Seen::Free => Step::Claim(store.clone()),
+                        }
+                    }
+                    Step::Claim(read) => {
+                        if store == read {
+                            store = set(
+                                &read,
+                                EVENT,
+                                &[Email],
+                                NotificationState::Claimed,
+                                &r.holder,
+                                now,
+                            );
+                            r.claimed_at = now;
+                            if crash == Some(i) {
+                                Step::Crashed
+                            } else {
+                                Step::Send
+                            }
+                        } else {
+                            Step::Read
+                        }
+                    }
+                    Step::Send => {
+                        // Sends are cut off at half the claim timeout.
+                        let sent = now < r.claimed_at.checked_add(TIMEOUT / 2).unwrap();
+                        if sent {
+                            sends += 1;
+                        }
+                        Step::Settle(store.clone(), sent)
+                    }
+                    Step::Settle(read, sent) => {
+                        if store == read {
+                            let channels: &[NotificationChannel] =
+                                if sent { &[Email] } else { &[] };
+                            store = settle(&read, EVENT, &r.holder, channels, now);
+                            if sent && now >= r.claimed_at.checked_add(TIMEOUT).unwrap() {
+                                late_records += 1;
+                            }
+                            // Cut off: its claim is dropped; the retry reads again.
+                            if sent { Step::Done } else { Step::Read }
+                        } else {
+                            Step::Settle(store.clone(), sent)
+                        }
+                    }
+                    other => other,
+                };
+            }
+            let finished = rs
+                .iter()
+                .all(|r| matches!(r.step, Step::Done | Step::Crashed));
+            Outcome {
+                sends,
+                store,
+                finished,
+                late_records,
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn one_send_per_event_whatever_the_interleaving(
+                replicas in 2_usize..5,
+                schedule in proptest::collection::vec((0_usize..8, 0_u8..8), 0..200),
+            ) {
+                let o = run(&schedule, replicas, None);
+                prop_assert!(o.finished);
+                prop_assert!(o.sends == 1 || o.late_records > 0, "{} sends", o.sends);
+                prop_assert_eq!(o.store.len(), 1);
+                prop_assert_eq!(o.store[0].state, NotificationState::Sent);
+            }
+
+            #[test]
+            fn a_claim_whose_replica_died_before_sending_is_sent_by_another(
+                replicas in 2_usize..5,
+                crash in 0_usize..5,
+                schedule in proptest::collection::vec((0_usize..8, 0_u8..8), 0..200),
+            ) {
+                let crash = crash % replicas;
+                let o = run(&schedule, replicas, Some(crash));
+                prop_assert!(o.finished);
+                // Whether or not the crashing replica got its claim in, another sent it, once.
+                prop_assert!(o.sends == 1 || o.late_records > 0, "{} sends", o.sends);
+                prop_assert_eq!(o.store[0].state, NotificationState::Sent);
+                prop_assert_ne!(&o.store[0].holder, &Me::new(&format!("pod-{crash}"), at(0)).holder(0));
+            }
+        }
+    }
 }
