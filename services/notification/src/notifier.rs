@@ -84,8 +84,9 @@ impl NotificationMetrics {
 }
 
 /// The (event id, channel) pairs this process has delivered, bounded,
-/// oldest forgotten first. It keeps an event retried for its webhook from
-/// e-mailing the customer again, and absorbs re-published events.
+/// oldest forgotten first. The Order's record is the truth; this covers
+/// what it can't: the webhooks of orders that are gone, and a send whose
+/// record write failed (the retry records it without sending again).
 struct Sent {
     order: VecDeque<(String, Channel)>,
     set: HashSet<(String, Channel)>,
