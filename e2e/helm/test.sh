@@ -66,6 +66,7 @@ static() {
   refuse "at '/operator/leaseDuration': 'fifteen' does not match pattern" --set operator.leaseDuration=fifteen
   # one number and unit: what the façade's --jwt-key-grace parses
   refuse "at '/facade/jwt/keyGrace': '1h30m' does not match pattern" --set facade.jwt.keyGrace=1h30m
+  refuse "at '/notification/claimTimeout': 'soon' does not match pattern" --set notification.claimTimeout=soon
   refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
   ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 2 kitchens, bad enums and durations"
 

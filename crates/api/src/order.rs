@@ -281,6 +281,13 @@ pub struct OrderStatus {
     /// Delivery stage (delivery service).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<DeliveryStatus>,
+    /// E-mails and webhooks claimed and sent, one entry per event and
+    /// channel (notification service). Every replica reads it before
+    /// sending, so a notification goes out once across replicas and restarts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["event".into(), "channel".into()]))]
+    pub notifications: Vec<NotificationRecord>,
 }
 
 /// Outcome of the payment stage.
@@ -382,4 +389,48 @@ pub struct DeliveryStatus {
     /// Estimated arrival at the customer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<Time>,
+}
+
+/// How a customer or integrator is told about an event.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum NotificationChannel {
+    /// An e-mail to the customer.
+    Email,
+    /// A signed webhook to the integrator.
+    Webhook,
+}
+
+impl NotificationChannel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationChannel::Email => "email",
+            NotificationChannel::Webhook => "webhook",
+        }
+    }
+}
+
+/// Where one notification is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum NotificationState {
+    /// A replica is sending it. Written before sending; taken over by
+    /// another replica once older than the claim timeout.
+    Claimed,
+    /// It went out; never sent again.
+    Sent,
+}
+
+/// One channel's notification about one event.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NotificationRecord {
+    /// The event's id, `<order uid>.<event type>`.
+    #[schemars(length(min = 1, max = 128))]
+    pub event: String,
+    pub channel: NotificationChannel,
+    pub state: NotificationState,
+    /// Who claimed or sent it: `<replica>/<process>-<attempt>`.
+    #[schemars(length(min = 1, max = 300))]
+    pub holder: String,
+    /// When it was claimed, or sent.
+    pub at: Time,
 }

@@ -21,6 +21,16 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(d).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
+/// A replica name for claims: non-empty, no `/` (it ends the name in a holder).
+fn parse_identity(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 253 || s.contains('/') {
+        return Err(format!(
+            "invalid identity {s:?}: 1 to 253 characters, no '/'"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunConfig {
     /// AMQP URL of RabbitMQ.
@@ -71,6 +81,17 @@ pub struct RunConfig {
     /// How long a webhook receiver may take to answer.
     #[arg(long, env = "DISHPATCH_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub webhook_timeout: Duration,
+
+    /// This replica's name in the claims it writes to `status.notifications`;
+    /// unique among running replicas (the pod name). Default: hostname-pid.
+    #[arg(long, env = "DISHPATCH_IDENTITY", value_parser = parse_identity)]
+    pub identity: Option<String>,
+
+    /// How old another replica's claim on a notification must be before
+    /// this one takes it over (the sender died). Each send is cut off at half
+    /// of it. Must exceed the clock skew between nodes.
+    #[arg(long, env = "DISHPATCH_CLAIM_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub claim_timeout: Duration,
 }
 
 /// Why the webhook secret could not be had.
@@ -88,6 +109,17 @@ pub enum SecretError {
 }
 
 impl RunConfig {
+    /// The replica name for claims.
+    pub fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "dishpatch".into());
+            // A hostname with a '/' can't be one; keep the name usable.
+            format!("{}-{}", host.replace('/', "-"), std::process::id())
+        })
+    }
+
     /// The webhook secret: the file's contents, else the environment variable.
     pub fn webhook_secret(&self) -> Result<Vec<u8>, SecretError> {
         let secret = match &self.webhook_secret_file {
@@ -149,9 +181,19 @@ mod tests {
         );
         assert_eq!(cli.run.mail_from.email.to_string(), "orders@dishpatch.dev");
         assert_eq!(cli.run.webhook_secret().unwrap(), b"s3cret");
+        assert_eq!(cli.run.claim_timeout, Duration::from_secs(120));
+        assert!(
+            cli.run
+                .identity()
+                .ends_with(&format!("-{}", std::process::id()))
+        );
         std::fs::remove_dir_all(&dir).unwrap();
 
         assert!(Cli::try_parse_from(["x", "--mail-from", "not an address"]).is_err());
         assert!(Cli::try_parse_from(["x", "--prefetch", "0"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--identity", "a/b"]).is_err());
+        assert!(Cli::try_parse_from(["x", "--identity", ""]).is_err());
+        let named = Cli::try_parse_from(["x", "--identity", "notification-7d9f-x2"]).unwrap();
+        assert_eq!(named.run.identity(), "notification-7d9f-x2");
     }
 }

@@ -1,10 +1,12 @@
 //! `dishpatch-notification`: tells customers (e-mail) and integrators (signed
-//! webhooks) about every event of their orders. It reads Orders and writes
-//! nothing to them.
+//! webhooks) about every event of their orders, once. It reads Orders and
+//! writes only `status.notifications`, where replicas claim and record sends.
 
+mod claims;
 mod config;
 mod mail;
 mod notifier;
+mod record;
 mod templates;
 mod webhook;
 
@@ -20,19 +22,21 @@ use kube::Client;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use crate::claims::Me;
 use crate::config::RunConfig;
 use crate::mail::Mailer;
-use crate::notifier::{NotificationMetrics, Notifier};
+use crate::notifier::{ClaimConfig, NotificationMetrics, Notifier};
 use crate::webhook::Webhook;
 
 const SERVICE: &str = "notification";
 
-/// Its identity for the shared worker code. It never writes a status
-/// section, so `section` is never used.
+/// Its identity for the shared worker code. It writes its section
+/// (`status.notifications`) itself, by compare-and-swap (`record.rs`), not
+/// through the worker's apply, so `section` is unused.
 const STAGE: Stage = Stage {
     service: SERVICE,
-    manager: "dishpatch-notification",
-    section: "notification",
+    manager: record::MANAGER,
+    section: "notifications",
 };
 
 #[derive(Parser)]
@@ -93,6 +97,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
         .context("connecting to the apiserver")?;
+    let identity = config.identity();
 
     let mut registry = Registry::default();
     let metrics = Arc::new(WorkerMetrics::register(&mut registry, SERVICE));
@@ -129,10 +134,16 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         mailer,
         webhook,
         notification_metrics,
+        ClaimConfig {
+            me: Me::new(&identity, jiff::Timestamp::now()),
+            timeout: config.claim_timeout,
+        },
     ));
     tracing::info!(
         smtp = %format!("{}:{}", config.smtp_host, config.smtp_port),
         prefetch = config.prefetch,
+        %identity,
+        claim_timeout = ?config.claim_timeout,
         "notifying"
     );
     let worker = dishpatch_worker::run(

@@ -1,44 +1,44 @@
 //! The handler: for every event, an e-mail to the customer and a signed
-//! webhook to the integrator. Writes nothing to the Order.
+//! webhook to the integrator, each sent once across replicas and restarts.
 //!
-//! Delivery is at least once, so a notification can go out twice: when the
-//! broker redelivers, when the operator re-publishes a stalled order's event,
-//! or when one channel failed and the event is retried. Both channels carry
-//! the event id (the e-mail's `Message-ID` is `<event id>@dishpatch.dev`, the
-//! webhook body is the CloudEvent with its deterministic `id`), so duplicates
-//! are recognisable. Within one process a channel that already succeeded for
-//! an event is not sent again (see [`Sent`]); across restarts and replicas it
-//! may be.
+//! Delivery is at least once, so the same event arrives more than once: when
+//! the broker redelivers, when the operator re-publishes a stalled order's
+//! event, when one channel failed and the event is retried, and on whichever
+//! replica the broker picks. Before sending, a replica claims the event's
+//! channels in the Order's `status.notifications` (see [`crate::claims`] and
+//! [`crate::record`]), and after sending it records them `Sent`: two writes
+//! per event, whatever the number of copies. A replica that finds `Sent`
+//! sends nothing; one that finds another's live claim waits for it.
+//!
+//! The guarantee: one e-mail and one webhook per event, unless a replica
+//! dies (or can't reach the apiserver for longer than the claim timeout)
+//! after a channel went out and before it recorded that; then it goes out
+//! again once the claim expires. For an order that is gone there is nowhere
+//! to record: its webhook is de-duplicated within one process only (see
+//! [`Sent`]). Both channels carry the event id (the e-mail's `Message-ID` is
+//! `<event id>@dishpatch.dev`, the webhook body is the CloudEvent with its
+//! deterministic `id`), so a rare duplicate is recognisable.
 
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
+use dishpatch_api::Order;
 use dishpatch_api::events::{CloudEvent, EventType};
+use dishpatch_api::order::{NotificationChannel as Channel, NotificationState};
 use dishpatch_worker::{HandleError, Handler, OrderAccess};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::claims::{self, Me, Seen};
 use crate::mail::{self, Mailer};
+use crate::record::{self, CasError, WriteLabels};
 use crate::templates::{self, Values};
 use crate::webhook::Webhook;
-
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-enum Channel {
-    Email,
-    Webhook,
-}
-
-impl Channel {
-    fn as_str(self) -> &'static str {
-        match self {
-            Channel::Email => "email",
-            Channel::Webhook => "webhook",
-        }
-    }
-}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SentLabels {
@@ -47,23 +47,29 @@ struct SentLabels {
     outcome: String,
 }
 
-/// Notifications by channel and outcome.
+/// Notifications by channel and outcome, and writes of the record.
 pub struct NotificationMetrics {
     notifications: Family<SentLabels, Counter>,
+    writes: Family<WriteLabels, Counter>,
 }
 
 impl NotificationMetrics {
     pub fn register(registry: &mut Registry) -> Self {
         let m = Self {
             notifications: Family::default(),
+            writes: Family::default(),
         };
-        registry
-            .sub_registry_with_prefix("dishpatch_notification")
-            .register(
-                "notifications",
-                "Notifications by channel (email, webhook) and outcome (sent, skipped, retryable, failed)",
-                m.notifications.clone(),
-            );
+        let r = registry.sub_registry_with_prefix("dishpatch_notification");
+        r.register(
+            "notifications",
+            "Notifications by channel (email, webhook) and outcome (sent, skipped, retryable, failed)",
+            m.notifications.clone(),
+        );
+        r.register(
+            "record_writes",
+            "Writes of status.notifications by outcome (written, changed: lost a race and read again, gone, failed)",
+            m.writes.clone(),
+        );
         m
     }
 
@@ -78,8 +84,9 @@ impl NotificationMetrics {
 }
 
 /// The (event id, channel) pairs this process has delivered, bounded,
-/// oldest forgotten first. It keeps an event retried for its webhook from
-/// e-mailing the customer again, and absorbs re-published events.
+/// oldest forgotten first. The Order's record is the truth; this covers
+/// what it can't: the webhooks of orders that are gone, and a send whose
+/// record write failed (the retry records it without sending again).
 struct Sent {
     order: VecDeque<(String, Channel)>,
     set: HashSet<(String, Channel)>,
@@ -115,12 +122,68 @@ impl Sent {
 /// Remembered deliveries; about 100 bytes each.
 const SENT_CAPACITY: usize = 20_000;
 
+/// How claims are made and judged.
+pub struct ClaimConfig {
+    /// This process, as claims name it.
+    pub me: Me,
+    /// How old a claim must be before another replica takes it over. Each
+    /// send is cut off at half of it, so a live sender never loses its claim.
+    pub timeout: Duration,
+}
+
+/// Most compare-and-swaps lost in a row before the event is retried later.
+const MAX_LOST_RACES: u32 = 10;
+
 pub struct Notifier {
     orders: OrderAccess,
     mailer: Mailer,
     webhook: Option<Webhook>,
     metrics: NotificationMetrics,
     sent: Mutex<Sent>,
+    claims: ClaimConfig,
+    /// Numbers this process's attempts, for their holder names.
+    attempts: AtomicU64,
+    /// Holder names of the attempts running now.
+    active: Mutex<HashSet<String>>,
+}
+
+/// One attempt's holder name, registered as active until dropped.
+struct Attempt<'a> {
+    holder: String,
+    active: &'a Mutex<HashSet<String>>,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        lock(self.active).remove(&self.holder);
+    }
+}
+
+/// A poisoned lock only means another handler panicked while holding it;
+/// the sets stay usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn records(order: &Order) -> &[dishpatch_api::order::NotificationRecord] {
+    order
+        .status
+        .as_ref()
+        .map(|s| s.notifications.as_slice())
+        .unwrap_or_default()
+}
+
+/// What claiming found.
+enum Claim {
+    /// The order is gone: nowhere to record.
+    Gone,
+    /// `send` is claimed by this attempt in `order` as written; `skip`
+    /// needs nothing (already sent, no address, no webhook).
+    Ready {
+        order: Box<Order>,
+        send: Vec<Channel>,
+        skip: Vec<(Channel, &'static str)>,
+    },
 }
 
 impl Notifier {
@@ -129,6 +192,7 @@ impl Notifier {
         mailer: Mailer,
         webhook: Option<Webhook>,
         metrics: NotificationMetrics,
+        claims: ClaimConfig,
     ) -> Self {
         Self {
             orders,
@@ -136,22 +200,169 @@ impl Notifier {
             webhook,
             metrics,
             sent: Mutex::new(Sent::new(SENT_CAPACITY)),
+            claims,
+            attempts: AtomicU64::new(0),
+            active: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn begin(&self) -> Attempt<'_> {
+        let n = self.attempts.fetch_add(1, Ordering::Relaxed);
+        let holder = self.claims.me.holder(n);
+        lock(&self.active).insert(holder.clone());
+        Attempt {
+            holder,
+            active: &self.active,
         }
     }
 
     fn already_sent(&self, event: &CloudEvent, channel: Channel) -> bool {
-        // A poisoned lock only means another handler panicked mid-insert; the set is still usable.
-        let sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-        sent.contains(&event.id, channel)
+        lock(&self.sent).contains(&event.id, channel)
     }
 
     fn mark_sent(&self, event: &CloudEvent, channel: Channel) {
-        let mut sent = self.sent.lock().unwrap_or_else(|e| e.into_inner());
-        sent.insert(&event.id, channel);
+        lock(&self.sent).insert(&event.id, channel);
     }
 
-    /// Runs one channel's `send` unless it already succeeded for this event,
-    /// and remembers, counts and logs what happened.
+    /// Claims the channels of `event` that are to be sent, waiting while
+    /// another attempt holds a live claim on one of them.
+    async fn claim(&self, event: &CloudEvent, holder: &str) -> Result<Claim, HandleError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        let mut lost = 0;
+        loop {
+            let Some(order) = self.orders.order(&event.data.order).await? else {
+                return Ok(Claim::Gone);
+            };
+            let now = jiff::Timestamp::now();
+            let active = lock(&self.active).clone();
+            let (mut send, mut skip, mut record_only) = (Vec::new(), Vec::new(), Vec::new());
+            let mut busy_until = None;
+            for channel in [Channel::Email, Channel::Webhook] {
+                if channel == Channel::Email && order.spec.customer.contact.email.is_none() {
+                    skip.push((channel, "the customer has no e-mail address"));
+                    continue;
+                }
+                if channel == Channel::Webhook && self.webhook.is_none() {
+                    skip.push((channel, "no webhook configured"));
+                    continue;
+                }
+                match claims::seen(
+                    records(&order),
+                    &event.id,
+                    channel,
+                    &self.claims.me,
+                    &active,
+                    now,
+                    self.claims.timeout,
+                ) {
+                    Seen::Sent => skip.push((channel, "already sent")),
+                    Seen::Busy { until } => busy_until = busy_until.max(Some(until)),
+                    // Sent by an attempt here whose record did not get written.
+                    Seen::Free if self.already_sent(event, channel) => {
+                        record_only.push(channel);
+                        skip.push((channel, "already sent"));
+                    }
+                    Seen::Free => send.push(channel),
+                }
+            }
+            if let Some(until) = busy_until {
+                // A live claim settles within half the claim timeout, or
+                // expires: waiting longer means the clocks disagree.
+                if started.elapsed() > self.claims.timeout * 2 {
+                    return Err(HandleError::Retryable(format!(
+                        "{} is still claimed by another replica",
+                        event.id
+                    )));
+                }
+                let left = Duration::try_from(until - now).unwrap_or_default();
+                tokio::time::sleep(pause.min(left).max(Duration::from_millis(50))).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
+                continue;
+            }
+            if send.is_empty() && record_only.is_empty() {
+                return Ok(Claim::Ready {
+                    order: Box::new(order),
+                    send,
+                    skip,
+                });
+            }
+            let after = claims::set(
+                records(&order),
+                &event.id,
+                &send,
+                NotificationState::Claimed,
+                holder,
+                now,
+            );
+            let after = claims::set(
+                &after,
+                &event.id,
+                &record_only,
+                NotificationState::Sent,
+                holder,
+                now,
+            );
+            match record::swap(&self.orders.client, &order, &after, &self.metrics.writes).await {
+                Ok(written) => {
+                    // An Order CRD older than this service prunes the
+                    // section: sending then would be sending unrecorded.
+                    let stored = send.iter().chain(&record_only).all(|&c| {
+                        claims::find(records(&written), &event.id, c)
+                            .is_some_and(|r| r.holder == holder)
+                    });
+                    if !stored {
+                        return Err(HandleError::Retryable(
+                            "the apiserver did not keep status.notifications: \
+                             the Order CRD predates it (apply crds/)"
+                                .into(),
+                        ));
+                    }
+                    return Ok(Claim::Ready {
+                        order: Box::new(written),
+                        send,
+                        skip,
+                    });
+                }
+                Err(CasError::Changed) if lost + 1 < MAX_LOST_RACES => lost += 1,
+                Err(CasError::Gone) => return Ok(Claim::Gone),
+                Err(e) => return Err(cas_error(e)),
+            }
+        }
+    }
+
+    /// Records what this attempt sent (`Sent`) and drops its other claims.
+    async fn settle(
+        &self,
+        event: &CloudEvent,
+        mut order: Order,
+        holder: &str,
+        sent: &[Channel],
+    ) -> Result<(), HandleError> {
+        let mut lost = 0;
+        loop {
+            let before = records(&order);
+            let after = claims::settle(before, &event.id, holder, sent, jiff::Timestamp::now());
+            if after == before {
+                return Ok(());
+            }
+            match record::swap(&self.orders.client, &order, &after, &self.metrics.writes).await {
+                Ok(_) | Err(CasError::Gone) => return Ok(()),
+                Err(CasError::Changed) if lost + 1 < MAX_LOST_RACES => {
+                    lost += 1;
+                    match self.orders.order(&event.data.order).await? {
+                        Some(fresh) => order = fresh,
+                        None => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(cas_error(e)),
+            }
+        }
+    }
+
+    /// Runs one channel's `send` unless it already succeeded for this event
+    /// in this process, and remembers, counts and logs what happened. For
+    /// orders that are gone, where nothing can be recorded.
     async fn once(
         &self,
         event: &CloudEvent,
@@ -163,6 +374,30 @@ impl Notifier {
             return Ok(Outcome::Skipped("already sent"));
         }
         let result = send.await;
+        if matches!(result, Ok(Outcome::Sent)) {
+            self.mark_sent(event, channel);
+        }
+        self.record(event, traceparent, channel, &result);
+        result
+    }
+
+    /// Sends one claimed channel, cut off at half the claim timeout so the
+    /// claim can't expire while it is still being sent.
+    async fn send(
+        &self,
+        event: &CloudEvent,
+        traceparent: &str,
+        channel: Channel,
+        send: impl Future<Output = Result<Outcome, HandleError>>,
+    ) -> Result<Outcome, HandleError> {
+        let limit = self.claims.timeout / 2;
+        let result = match tokio::time::timeout(limit, send).await {
+            Ok(result) => result,
+            Err(_) => Err(HandleError::Retryable(format!(
+                "{}: no answer within {limit:?} (half the claim timeout)",
+                channel.as_str()
+            ))),
+        };
         if matches!(result, Ok(Outcome::Sent)) {
             self.mark_sent(event, channel);
         }
@@ -199,14 +434,16 @@ impl Notifier {
         self.metrics.count(channel, outcome);
     }
 
-    async fn email(&self, event: &CloudEvent, kind: EventType) -> Result<Outcome, HandleError> {
-        let Some(order) = self.orders.order(&event.data.order).await? else {
-            return Ok(Outcome::Skipped("the order no longer exists"));
-        };
+    async fn email(
+        &self,
+        event: &CloudEvent,
+        kind: EventType,
+        order: &Order,
+    ) -> Result<Outcome, HandleError> {
         let Some(to) = order.spec.customer.contact.email.as_deref() else {
             return Ok(Outcome::Skipped("the customer has no e-mail address"));
         };
-        let rendered = templates::render(kind, &Values::new(event, &order))
+        let rendered = templates::render(kind, &Values::new(event, order))
             .map_err(|e| HandleError::Permanent(e.to_string()))?;
         match self
             .mailer
@@ -271,27 +508,82 @@ fn combine(results: [Result<Outcome, HandleError>; 2]) -> Result<(), HandleError
     }
 }
 
+fn cas_error(e: CasError) -> HandleError {
+    match e {
+        CasError::Kube(e) => e.into(),
+        // Lost every race so far, or could not encode: try again later.
+        e => HandleError::Retryable(format!("recording notifications: {e}")),
+    }
+}
+
 impl Handler for Notifier {
     async fn handle(&self, event: CloudEvent, traceparent: String) -> Result<(), HandleError> {
         let kind = event
             .event_type()
             .map_err(|e| HandleError::Permanent(e.to_string()))?;
+        let attempt = self.begin();
+        let (order, send) = match self.claim(&event, &attempt.holder).await? {
+            Claim::Gone => {
+                // Nothing to read an address from, nowhere to record: the
+                // webhook still goes, de-duplicated in this process.
+                let email: Result<Outcome, HandleError> =
+                    Ok(Outcome::Skipped("the order no longer exists"));
+                self.record(&event, &traceparent, Channel::Email, &email);
+                let webhook = self
+                    .once(&event, &traceparent, Channel::Webhook, async {
+                        match &self.webhook {
+                            Some(webhook) => self.webhook(webhook, &event, &traceparent).await,
+                            None => Ok(Outcome::Skipped("no webhook configured")),
+                        }
+                    })
+                    .await;
+                return combine([email, webhook]);
+            }
+            Claim::Ready { order, send, skip } => {
+                for (channel, why) in skip {
+                    self.record(&event, &traceparent, channel, &Ok(Outcome::Skipped(why)));
+                }
+                (order, send)
+            }
+        };
         // Both channels at once and each whatever the other does, so a slow
         // or broken SMTP server doesn't hold back webhooks and vice versa.
         let (email, webhook) = tokio::join!(
-            self.once(
-                &event,
-                &traceparent,
-                Channel::Email,
-                self.email(&event, kind)
-            ),
-            self.once(&event, &traceparent, Channel::Webhook, async {
-                match &self.webhook {
-                    Some(webhook) => self.webhook(webhook, &event, &traceparent).await,
-                    None => Ok(Outcome::Skipped("no webhook configured")),
+            async {
+                if !send.contains(&Channel::Email) {
+                    return Ok(Outcome::Skipped("not claimed"));
                 }
-            }),
+                self.send(
+                    &event,
+                    &traceparent,
+                    Channel::Email,
+                    self.email(&event, kind, &order),
+                )
+                .await
+            },
+            async {
+                match (&self.webhook, send.contains(&Channel::Webhook)) {
+                    (Some(webhook), true) => {
+                        self.send(
+                            &event,
+                            &traceparent,
+                            Channel::Webhook,
+                            self.webhook(webhook, &event, &traceparent),
+                        )
+                        .await
+                    }
+                    _ => Ok(Outcome::Skipped("not claimed")),
+                }
+            },
         );
+        let sent: Vec<Channel> = [(Channel::Email, &email), (Channel::Webhook, &webhook)]
+            .into_iter()
+            .filter(|(_, r)| matches!(r, Ok(Outcome::Sent)))
+            .map(|(c, _)| c)
+            .collect();
+        if !send.is_empty() {
+            self.settle(&event, *order, &attempt.holder, &sent).await?;
+        }
         combine([email, webhook])
     }
 }

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use common::{Bed, Hook, SECRET};
 use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
+use dishpatch_api::order::NotificationState;
 use dishpatch_testkit::{eventually, fixtures};
 use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
@@ -153,17 +155,70 @@ async fn emails_the_customer_and_posts_signed_webhooks() {
     .await;
     assert!(ok, "/metrics: {metrics:?}");
 
-    // Notification wrote nothing to the Order.
-    let after = bed.orders().get("o1").await.unwrap();
-    assert_eq!(after.resource_version(), version_before);
-    assert!(
-        after
-            .managed_fields()
-            .iter()
-            .all(|m| m.manager.as_deref() != Some("dishpatch-notification")),
-        "{:#?}",
-        after.managed_fields()
+    // What was sent is recorded in the Order, in the notification
+    // component's own section and nothing else, in two writes per event
+    // (claim, then record): one per notification.
+    let (ok, after) = eventually(
+        T,
+        || async { bed.orders().get("o1").await.unwrap() },
+        |o| {
+            let records = &o.status.as_ref().unwrap().notifications;
+            records.len() == 4 && records.iter().all(|r| r.state == NotificationState::Sent)
+        },
+    )
+    .await;
+    assert!(ok, "{:#?}", after.status);
+    assert_ne!(after.resource_version(), version_before);
+    let records = &after.status.as_ref().unwrap().notifications;
+    let mut recorded: Vec<(String, &str)> = records
+        .iter()
+        .filter(|r| r.state == NotificationState::Sent)
+        .map(|r| (r.event.clone(), r.channel.as_str()))
+        .collect();
+    recorded.sort();
+    assert_eq!(
+        recorded,
+        vec![
+            (accepted_event.id.clone(), "email"),
+            (accepted_event.id.clone(), "webhook"),
+            (cancelled_event.id.clone(), "email"),
+            (cancelled_event.id.clone(), "webhook"),
+        ],
+        "{records:#?}"
     );
+    let ours: Vec<_> = after
+        .managed_fields()
+        .iter()
+        .filter(|m| m.manager.as_deref() == Some("dishpatch-notification"))
+        .collect();
+    assert_eq!(ours.len(), 1, "{:#?}", after.managed_fields());
+    assert_eq!(ours[0].subresource.as_deref(), Some("status"));
+    let fields = &ours[0].fields_v1.as_ref().unwrap().0;
+    assert_eq!(
+        fields,
+        &json!({"f:status": {"f:notifications": fields["f:status"]["f:notifications"]}}),
+        "it owns more than status.notifications"
+    );
+    let (_, metrics) = bed.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains(r#"dishpatch_notification_record_writes_total{outcome="written"} 4"#),
+        "{metrics}"
+    );
+
+    // The operator's status apply (forced, its own fields only) leaves the section alone.
+    let applied = bed
+        .orders()
+        .patch_status(
+            "o1",
+            &PatchParams::apply("dishpatch-operator").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order",
+                "status": {"phase": "Cancelled", "observedGeneration": 1},
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(&applied.status.unwrap().notifications, records);
 }
 
 #[tokio::test]
@@ -423,4 +478,233 @@ async fn failures_are_retried_then_dead_lettered_without_holding_up_the_rest() {
     )
     .await;
     assert_eq!(mails[0]["subject"], "Your order later has been delivered");
+}
+
+/// How many copies of events of `kind` each of `replicas` has handled, over `base`.
+async fn handled_since(bed: &Bed, replicas: &[usize], kind: EventType, base: &[u64]) -> Vec<u64> {
+    let mut out = Vec::new();
+    for (n, &i) in replicas.iter().enumerate() {
+        out.push(bed.handled(i, kind.routing_key()).await - base[n]);
+    }
+    out
+}
+
+/// Publishes the same event about `order` again and again, each copy once
+/// the one before is handled by one of the `running` replicas, until every
+/// replica in `targets` has handled at least one copy. The replicas compete
+/// on one queue, so which of them gets a copy is the broker's choice (round
+/// robin in practice); this makes sure each target saw it. Returns the
+/// copies published.
+async fn deliver_to_each(
+    bed: &Bed,
+    order: &OrderRef,
+    kind: EventType,
+    running: &[usize],
+    targets: &[usize],
+) -> u64 {
+    let mut base = Vec::new();
+    for &i in running {
+        base.push(bed.handled(i, kind.routing_key()).await);
+    }
+    for published in 1..=20_u64 {
+        bed.publish(order.clone(), kind, None).await;
+        let (ok, counts) = eventually(
+            T,
+            || handled_since(bed, running, kind, &base),
+            |c| c.iter().sum::<u64>() == published,
+        )
+        .await;
+        assert!(ok, "copy {published} of {kind} was not handled: {counts:?}");
+        let reached = |t: &usize| {
+            running
+                .iter()
+                .position(|r| r == t)
+                .is_some_and(|n| counts[n] >= 1)
+        };
+        if targets.iter().all(reached) {
+            return published;
+        }
+    }
+    panic!("20 copies of {kind} did not reach every one of the replicas {targets:?}");
+}
+
+#[tokio::test]
+async fn one_email_and_one_webhook_per_event_across_replicas_and_restarts() {
+    let mut bed = Bed::new("notify-replicas").await;
+    let order = bed
+        .create_order(
+            fixtures::order("twice", "roma", &[("pizza", 1)]),
+            Some("twice@example.com"),
+            accepted(),
+        )
+        .await;
+    let order = bed.order_ref(&order);
+    bed.start_replica(0, &[]).await;
+    bed.start_replica(1, &[]).await;
+    bed.wait_ready(0).await;
+    bed.wait_ready(1).await;
+
+    // The same event reaches both replicas.
+    let copies = deliver_to_each(&bed, &order, EventType::OrderAccepted, &[0, 1], &[0, 1]).await;
+    assert!(copies >= 2);
+
+    // Replica 0 crashes and comes back with an empty memory; the event
+    // comes again (a re-publish, a redelivery) and reaches the new process.
+    bed.kill_replica(0).await;
+    bed.start_replica(0, &[]).await;
+    bed.wait_ready(0).await;
+    deliver_to_each(&bed, &order, EventType::OrderAccepted, &[0, 1], &[0]).await;
+
+    // Every copy has been handled (acked), so anything sent is in the sink.
+    let mails = bed.smtp.to("twice@example.com");
+    let hooks = bed.receiver.for_order("twice");
+    assert_eq!(
+        (mails.len(), hooks.len()),
+        (1, 1),
+        "e-mails and webhooks for one event delivered {} times to two replicas and a restarted one: {mails:#?}",
+        copies + 1
+    );
+    assert!(hooks[0].verifies(SECRET));
+}
+
+#[tokio::test]
+async fn replicas_racing_for_the_same_event_send_it_once() {
+    let mut bed = Bed::new("notify-race").await;
+    const ORDERS: usize = 6;
+    let mut orders = Vec::new();
+    for n in 0..ORDERS {
+        let order = bed
+            .create_order(
+                fixtures::order(&format!("race-{n}"), "roma", &[("pizza", 1)]),
+                Some(&format!("race-{n}@example.com")),
+                accepted(),
+            )
+            .await;
+        orders.push(bed.order_ref(&order));
+    }
+    bed.start_replica(0, &[]).await;
+    bed.start_replica(1, &[]).await;
+    bed.wait_ready(0).await;
+    bed.wait_ready(1).await;
+
+    // Two copies of each event at once: the broker hands them to the two
+    // idle consumers in turn, so both replicas handle the same event at the
+    // same moment.
+    for order in &orders {
+        futures::join!(
+            bed.publish(order.clone(), EventType::KitchenReady, None),
+            bed.publish(order.clone(), EventType::KitchenReady, None),
+        );
+    }
+    let (ok, counts) = eventually(
+        T,
+        || handled_since(&bed, &[0, 1], EventType::KitchenReady, &[0, 0]),
+        |c| c.iter().sum::<u64>() == 2 * ORDERS as u64,
+    )
+    .await;
+    assert!(ok, "not every copy was handled: {counts:?}");
+    // The race took place: each replica handled copies.
+    assert!(counts.iter().all(|&c| c >= 1), "{counts:?}");
+
+    for n in 0..ORDERS {
+        let mails = bed.smtp.to(&format!("race-{n}@example.com"));
+        let hooks = bed.receiver.for_order(&format!("race-{n}"));
+        assert_eq!(
+            (mails.len(), hooks.len()),
+            (1, 1),
+            "race-{n}: e-mails and webhooks for one event handled by two replicas at once"
+        );
+    }
+    // Each event cost its winner two writes (claim, record); a loser's
+    // claim failed its compare-and-swap and wrote nothing.
+    let mut writes = [0_u64; 2];
+    for i in 0..2 {
+        let (_, body) = bed.get_from(bed.admin_of(i), "/metrics").await.unwrap();
+        for (n, outcome) in ["written", "changed"].iter().enumerate() {
+            let needle =
+                format!(r#"dishpatch_notification_record_writes_total{{outcome="{outcome}"}} "#);
+            writes[n] += body
+                .lines()
+                .find_map(|l| l.strip_prefix(needle.as_str()))
+                .map_or(0, |v| v.trim().parse::<u64>().unwrap());
+        }
+    }
+    eprintln!(
+        "record writes for {ORDERS} raced events: written {}, lost races {}",
+        writes[0], writes[1]
+    );
+    assert_eq!(writes[0], 2 * ORDERS as u64);
+}
+
+#[tokio::test]
+async fn a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_timeout() {
+    let mut bed = Bed::new("notify-takeover").await;
+    let order = bed
+        .create_order(
+            fixtures::order("orphan", "roma", &[("pizza", 1)]),
+            Some("orphan@example.com"),
+            accepted(),
+        )
+        .await;
+    let uid = order.uid().unwrap();
+    let event_id = format!("{uid}.order.accepted");
+    // A replica claimed both channels and died before sending.
+    let claimed_at = jiff::Timestamp::now();
+    let claim = |channel: &str| {
+        json!({"event": event_id, "channel": channel, "state": "Claimed",
+               "holder": "dead-replica/1-1",
+               "at": claimed_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()})
+    };
+    bed.orders()
+        .patch_status(
+            "orphan",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"notifications": [claim("Email"), claim("Webhook")]}})),
+        )
+        .await
+        .unwrap();
+    bed.start_replica(0, &["--claim-timeout", "4s"]).await;
+    bed.publish(bed.order_ref(&order), EventType::OrderAccepted, None)
+        .await;
+
+    let mails = wait_for(
+        T,
+        "the e-mail, once the dead replica's claim expired",
+        || bed.smtp.to("orphan@example.com"),
+        |m| !m.is_empty(),
+    )
+    .await;
+    assert_eq!(mails.len(), 1);
+    wait_for(
+        T,
+        "the webhook",
+        || bed.receiver.for_order("orphan"),
+        |h| h.len() == 1,
+    )
+    .await;
+    // Recorded as sent by this replica, no earlier than the claim's expiry.
+    let (ok, records) = eventually(
+        T,
+        || async {
+            bed.orders()
+                .get("orphan")
+                .await
+                .unwrap()
+                .status
+                .unwrap()
+                .notifications
+        },
+        |r| r.len() == 2 && r.iter().all(|r| r.state == NotificationState::Sent),
+    )
+    .await;
+    assert!(ok, "{records:#?}");
+    let expiry = jiff::Timestamp::from_second(claimed_at.as_second() + 4).unwrap();
+    for r in &records {
+        assert_ne!(r.holder, "dead-replica/1-1");
+        assert!(
+            r.at.0 >= expiry,
+            "sent at {} before the claim expired at {expiry}",
+            r.at.0
+        );
+    }
 }

@@ -283,9 +283,11 @@ pub struct Bed {
     pub broker: Broker,
     pub smtp: SmtpSink,
     pub receiver: Receiver,
+    /// Replica 0's admin address (the one-replica tests use only it).
     pub admin: SocketAddr,
     dir: PathBuf,
-    service: Option<Child>,
+    /// Running replicas by index: their process and admin address.
+    replicas: Vec<Option<(Child, SocketAddr)>>,
 }
 
 impl Bed {
@@ -310,20 +312,41 @@ impl Bed {
             receiver,
             admin,
             dir,
-            service: None,
+            replicas: Vec::new(),
         }
     }
 
     /// Starts the real `dishpatch-notification run` on this bed's vhost,
-    /// SMTP server and webhook receiver.
+    /// SMTP server and webhook receiver: replica 0, on `self.admin`.
     pub async fn start_service(&mut self) {
+        self.start_replica(0, &[]).await;
+    }
+
+    /// Starts replica `i` (again, after [`kill_replica`](Self::kill_replica))
+    /// with `extra` arguments. Every replica consumes the same queue, as the
+    /// pods of one Deployment do. A restarted replica gets a fresh admin port,
+    /// so its metrics are its own. Its log is appended to `log_path(i)`.
+    pub async fn start_replica(&mut self, i: usize, extra: &[&str]) -> SocketAddr {
         let secret_file = self.dir.join("webhook-secret");
         // A trailing newline, as `echo secret > file` leaves one.
         std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+        let admin = if i == 0 && self.replicas.is_empty() {
+            self.admin
+        } else {
+            SocketAddr::from(([127, 0, 0, 1], free_port()))
+        };
+        if i == 0 {
+            self.admin = admin;
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path_of(i))
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_dishpatch-notification"))
             .arg("run")
             .args(["--amqp-url", &self.amqp_url])
-            .args(["--admin-addr", &self.admin.to_string()])
+            .args(["--admin-addr", &admin.to_string()])
             .args(["--smtp-host", "127.0.0.1"])
             .args(["--smtp-port", &self.smtp.port.to_string()])
             .args(["--mail-from", "dishpatch <orders@dishpatch.dev>"])
@@ -331,21 +354,74 @@ impl Bed {
             .arg("--webhook-secret-file")
             .arg(&secret_file)
             .args(["--webhook-timeout", "2s"])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", "info")
             .env("LOG_FORMAT", "json")
             .env_remove("DISHPATCH_WEBHOOK_SECRET")
-            .stdout(std::fs::File::create(self.log_path()).unwrap())
+            .stdout(log)
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("starting dishpatch-notification");
-        self.service = Some(child);
+        if self.replicas.len() <= i {
+            self.replicas.resize_with(i + 1, || None);
+        }
+        self.replicas[i] = Some((child, admin));
+        admin
     }
 
-    /// The service's log (shown when a test fails).
+    /// SIGKILLs replica `i`, as a crash or an evicted pod would end it.
+    pub async fn kill_replica(&mut self, i: usize) {
+        if let Some((mut child, _)) = self.replicas.get_mut(i).and_then(Option::take) {
+            child.kill().await.unwrap();
+        }
+    }
+
+    /// Replica `i`'s admin address.
+    pub fn admin_of(&self, i: usize) -> SocketAddr {
+        self.replicas[i].as_ref().expect("replica not running").1
+    }
+
+    /// Messages replica `i` handled with `outcome` `ok`, for `event`, by its metrics.
+    pub async fn handled(&self, i: usize, event: &str) -> u64 {
+        let needle =
+            format!(r#"dishpatch_notification_messages_total{{event="{event}",outcome="ok"}} "#);
+        self.get_from(self.admin_of(i), "/metrics")
+            .await
+            .and_then(|(_, body)| {
+                body.lines().find_map(|l| {
+                    l.strip_prefix(needle.as_str())
+                        .and_then(|n| n.trim().parse().ok())
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits until replica `i` answers /readyz with 200.
+    pub async fn wait_ready(&self, i: usize) {
+        let admin = self.admin_of(i);
+        let (ok, last) = dishpatch_testkit::eventually(
+            Duration::from_secs(30),
+            || self.get_from(admin, "/readyz"),
+            |r| matches!(r, Some((200, _))),
+        )
+        .await;
+        assert!(ok, "replica {i} is not ready: {last:?}");
+    }
+
+    /// Replica 0's log (shown when a test fails).
     pub fn log_path(&self) -> PathBuf {
-        self.dir.join("dishpatch-notification.log")
+        self.log_path_of(0)
+    }
+
+    /// Replica `i`'s log, across its restarts.
+    pub fn log_path_of(&self, i: usize) -> PathBuf {
+        if i == 0 {
+            self.dir.join("dishpatch-notification.log")
+        } else {
+            self.dir.join(format!("dishpatch-notification-{i}.log"))
+        }
     }
 
     pub fn orders(&self) -> Api<Order> {
@@ -442,9 +518,14 @@ impl Bed {
         out
     }
 
-    /// A plain HTTP/1.0 GET on the service's admin address: (status, body).
+    /// A plain HTTP/1.0 GET on replica 0's admin address: (status, body).
     pub async fn admin_get(&self, path: &str) -> Option<(u16, String)> {
-        let mut stream = tokio::net::TcpStream::connect(self.admin).await.ok()?;
+        self.get_from(self.admin, path).await
+    }
+
+    /// A plain HTTP/1.0 GET on an admin address: (status, body).
+    pub async fn get_from(&self, admin: SocketAddr, path: &str) -> Option<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
         stream
             .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
             .await
@@ -459,16 +540,19 @@ impl Bed {
 
 impl Drop for Bed {
     fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Ok(log) = std::fs::read_to_string(self.log_path())
-        {
-            let tail: Vec<&str> = log.lines().rev().take(200).collect();
-            eprintln!(
-                "--- dishpatch-notification log (last {} lines) ---",
-                tail.len()
-            );
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
+        if std::thread::panicking() {
+            for i in 0..self.replicas.len().max(1) {
+                let Ok(log) = std::fs::read_to_string(self.log_path_of(i)) else {
+                    continue;
+                };
+                let tail: Vec<&str> = log.lines().rev().take(200).collect();
+                eprintln!(
+                    "--- dishpatch-notification replica {i} log (last {} lines) ---",
+                    tail.len()
+                );
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
