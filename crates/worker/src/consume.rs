@@ -340,3 +340,26 @@ pub async fn run<H: Handler>(
     tracing::info!(in_flight = tasks.len(), "finishing in-flight messages");
     while tasks.join_next().await.is_some() {}
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_while_consuming_and_not_faulted() {
+        let health = Health::default();
+        let r = Readiness::new(health.clone());
+        r.set_consuming(None);
+        assert!(health.is_ready());
+        r.set_fault(Some("the ledger is read-only".into()));
+        assert!(!health.is_ready());
+        // Reconnecting to the broker must not hide the fault, nor end it.
+        r.set_consuming(Some("reconnecting to the broker"));
+        r.set_consuming(None);
+        assert!(!health.is_ready());
+        r.set_fault(None);
+        assert!(health.is_ready());
+        r.set_consuming(Some("shutting down"));
+        assert!(!health.is_ready());
+    }
+}
