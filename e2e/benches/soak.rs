@@ -416,7 +416,7 @@ async fn main() {
     for p in &mut procs {
         let _ = p.child.start_kill();
     }
-    println!("\ncomponent logs (stderr): {}", log.display());
+    println!("\ncomponent logs: {}", log.display());
 }
 
 #[derive(Default)]

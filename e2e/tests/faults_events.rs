@@ -504,15 +504,45 @@ async fn out_of_order_stray_and_replayed_events_never_move_a_phase_back() {
         );
     }
     // Stray events about orders that are gone or unknown are dropped
-    // (acked: nothing to do); only the poison message is dead-lettered, by
-    // the queue that got it with a consumer (notification runs nowhere here).
-    let dlq: HashMap<String, u32> = dead_lettered(&depths).into_iter().collect();
+    // (acked: nothing to do), and so are replays (the result is already
+    // there). The poison message is dead-lettered by the queue whose
+    // consumer got it (notification runs nowhere here). An early event is
+    // retried; only if its order took longer than its whole delivery limit
+    // to catch up (a slow machine) would it be dead-lettered too.
     println!("queues after the replay: {depths:?}");
-    assert_eq!(
-        dlq,
-        HashMap::from([("dishpatch.delivery.dead-letter".to_string(), 1)]),
-        "{depths:?}"
+    let mut dead = Vec::new();
+    for q in [
+        "dishpatch.payment",
+        "dishpatch.kitchen",
+        "dishpatch.delivery",
+    ] {
+        for body in procs::take_all(&p.amqp_url, &dishpatch_messaging::dead_letter_queue(q)).await {
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            dead.push((q, v["id"].as_str().unwrap_or_default().to_string()));
+        }
+    }
+    println!("dead-lettered: {dead:?}");
+    assert!(
+        dead.contains(&("dishpatch.delivery", "forged".to_string())),
+        "the poison message is dead-lettered: {dead:?}"
     );
+    let early_ok = [
+        (
+            "dishpatch.delivery",
+            format!("{}.kitchen.ready", early_ref.uid),
+        ),
+        (
+            "dishpatch.kitchen",
+            format!("{}.payment.succeeded", early_ref.uid),
+        ),
+    ];
+    for (q, id) in &dead {
+        assert!(
+            id == "forged" && *q == "dishpatch.delivery"
+                || early_ok.iter().any(|(eq, eid)| eq == q && eid == id),
+            "{q} dead-lettered {id}, which should have been dropped: {dead:?}"
+        );
+    }
     watch.abort();
     let seen = seen.lock().unwrap();
     println!("phases seen: {:?}", seen.phases);
@@ -576,7 +606,8 @@ async fn wait_rejected(p: &Platform, n: usize, started: Instant) -> Duration {
     let api = p.orders();
     let lp = kube::api::ListParams::default();
     let (ok, last) = dishpatch_testkit::eventually(
-        Duration::from_secs(150),
+        // Bounded, generously: the 2-core machine is shared with other tests.
+        Duration::from_secs(240),
         || api.list(&lp),
         |l| {
             l.as_ref().is_ok_and(|l| {
@@ -657,6 +688,14 @@ async fn a_thousand_orders_for_a_closed_restaurant_are_rejected_and_memory_stays
         "a replay moved a rejected order"
     );
     assert!(op.alive(), "the operator survived the flood");
+    let m = op.metrics().await;
+    println!(
+        "operator: {} reconciles, {} reconcile errors, {} apiserver writes ({:.2} per order)",
+        metric_sum(&m, "dishpatch_operator_reconciles_total", &[]),
+        metric_sum(&m, "dishpatch_operator_reconcile_errors_total", &[]),
+        metric_sum(&m, "dishpatch_operator_api_writes_total", &[]),
+        metric_sum(&m, "dishpatch_operator_api_writes_total", &[]) / (N + 1) as f64,
+    );
     let mib = |k: u64| k as f64 / 1024.0;
     println!(
         "operator VmRSS: before {:.1} MiB, peak during {:.1} MiB, after {:.1} MiB (growth {:+.1} MiB)",

@@ -54,7 +54,7 @@ pub struct Spec<'a> {
     pub namespace: &'a str,
     pub amqp_url: &'a str,
     pub ledger: &'a Path,
-    /// Where stderr goes (`None`: inherited).
+    /// Where the logs go (`None`: stdout dropped, stderr inherited).
     pub log: Option<&'a Path>,
     pub rust_log: &'a str,
 }
@@ -85,7 +85,8 @@ impl Spec<'_> {
                     .append(true)
                     .open(log)
                     .unwrap();
-                cmd.stderr(f);
+                // The components log to stdout.
+                cmd.stdout(f.try_clone().unwrap()).stderr(f);
             }
             None => {
                 cmd.stderr(Stdio::inherit());
@@ -260,4 +261,22 @@ pub async fn http_json(
         .unwrap_or_default()
         .to_string();
     Ok((code, body))
+}
+
+/// Takes every message out of `queue` (acking them); their bodies.
+pub async fn take_all(amqp_url: &str, queue: &str) -> Vec<Vec<u8>> {
+    use lapin::options::BasicGetOptions;
+    let conn = Connection::connect(amqp_url, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+    {
+        out.push(m.delivery.data.clone());
+    }
+    let _ = conn.close(200, "done".into()).await;
+    out
 }
