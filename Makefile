@@ -7,7 +7,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/dishpatch/target
 export KUBECONFIG := $(CURDIR)/.dev/kubeconfig
 CARGO ?= cargo
 
-.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench images helm-test helm-test-node kind-up node-up node-down node-load node-status test-node
+.PHONY: help deps up down status clean test test-unit lint fmt crds build bins bench soak images helm-test helm-test-node kind-up node-up node-down node-load node-status test-node
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +50,13 @@ bench: deps ## Benchmarks (docs/benchmarks.md): apiserver write ceiling; operato
 	$(CARGO) bench -p dishpatch-e2e --bench ceiling
 	$(CARGO) bench -p dishpatch-operator --bench acceptance
 	$(CARGO) bench -p dishpatch-e2e --bench throughput
+
+# The soak's build profile: dev reuses the binaries `make test` builds; SOAK_PROFILE=release measures release builds.
+SOAK_PROFILE ?= dev
+soak: deps ## Steady load through every component for SOAK_DURATION (10m) at SOAK_RATE (1/s); RSS, errors, queues, unfinished orders (docs/benchmarks.md); not in CI
+	@hack/cluster.sh up
+	$(CARGO) build --profile $(SOAK_PROFILE) --workspace --bins
+	$(CARGO) bench --profile $(SOAK_PROFILE) -p dishpatch-e2e --bench soak
 
 images: ## Container images, one per component, tagged from git (docs/images.md)
 	$(CARGO) build --release --workspace --bins

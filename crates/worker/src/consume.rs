@@ -55,6 +55,59 @@ pub trait Handler: Send + Sync + 'static {
         event: CloudEvent,
         traceparent: String,
     ) -> impl Future<Output = Result<(), HandleError>> + Send;
+
+    /// Checks what this replica itself needs to do any work (its own
+    /// storage, say); `Err` says what is broken. While it fails the replica
+    /// reports not ready and holds the messages whose handling failed,
+    /// unacknowledged, instead of spending their delivery limit: no retry
+    /// can succeed until the fault is repaired, and the message is not to
+    /// blame.
+    fn probe(&self) -> impl Future<Output = Result<(), String>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+/// How often an idle replica probes its own dependencies, and a held
+/// message checks whether the fault is repaired.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// Readiness from two sources: the broker connection (the consume loop) and
+/// the handler's probe. Ready only when consuming and not faulted.
+#[derive(Clone)]
+struct Readiness {
+    health: Health,
+    state: Arc<std::sync::Mutex<(Option<&'static str>, Option<String>)>>,
+}
+
+impl Readiness {
+    fn new(health: Health) -> Self {
+        Self {
+            health,
+            state: Arc::new(std::sync::Mutex::new((Some("starting"), None))),
+        }
+    }
+
+    /// `None`: consuming; `Some(why)`: not consuming.
+    fn set_consuming(&self, not: Option<&'static str>) {
+        self.update(|s| s.0 = not);
+    }
+
+    fn set_fault(&self, fault: Option<String>) {
+        self.update(|s| s.1 = fault);
+    }
+
+    fn update(&self, f: impl FnOnce(&mut (Option<&'static str>, Option<String>))) {
+        let mut s = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut s);
+        match (&s.0, &s.1) {
+            (Some(why), _) => self.health.set_ready(false, why),
+            (None, Some(fault)) => self.health.set_ready(false, fault),
+            (None, None) => self.health.set_ready(true, "consuming"),
+        }
+    }
 }
 
 /// In-process attempts before a message goes back to the queue (and, after
@@ -67,10 +120,34 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + jitter)
 }
 
+/// Waits while the handler's probe fails (not ready meanwhile). `false`
+/// when shutdown came first.
+async fn hold<H: Handler>(
+    handler: &H,
+    readiness: &Readiness,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        match handler.probe().await {
+            Ok(()) => {
+                readiness.set_fault(None);
+                return true;
+            }
+            Err(fault) => readiness.set_fault(Some(fault)),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(PROBE_EVERY) => {}
+            _ = shutdown.wait_for(|s| *s) => return false,
+        }
+    }
+}
+
 async fn handle_delivery<H: Handler>(
     delivery: lapin::message::Delivery,
     handler: Arc<H>,
     metrics: Arc<WorkerMetrics>,
+    readiness: Readiness,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let started = Instant::now();
     let event = match CloudEvent::from_json(&delivery.data) {
@@ -107,7 +184,8 @@ async fn handle_delivery<H: Handler>(
     let _enter = span.enter();
     drop(_enter);
 
-    for attempt in 0..ATTEMPTS {
+    let mut attempt = 0;
+    while attempt < ATTEMPTS {
         match handler.handle(event.clone(), traceparent.clone()).await {
             Ok(()) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
@@ -132,9 +210,22 @@ async fn handle_delivery<H: Handler>(
                 return;
             }
             Err(HandleError::Retryable(why)) => {
+                if let Err(fault) = handler.probe().await {
+                    // This replica is broken, not the message: keep it
+                    // unacknowledged until the fault is repaired, and don't
+                    // count the attempt.
+                    tracing::warn!(event = %kind, order = %event.subject, %why, %fault, "holding the message until the fault is repaired");
+                    metrics.handled(&kind, "held");
+                    readiness.set_fault(Some(fault));
+                    if !hold(handler.as_ref(), &readiness, &mut shutdown).await {
+                        break; // shutting down: back to the queue
+                    }
+                    continue;
+                }
                 tracing::info!(event = %kind, order = %event.subject, %why, attempt, "retrying");
                 metrics.handled(&kind, "retried");
                 tokio::time::sleep(backoff(attempt)).await;
+                attempt += 1;
             }
         }
     }
@@ -161,11 +252,28 @@ pub async fn run<H: Handler>(
 ) {
     let mut tasks = JoinSet::new();
     let mut failures = 0_u32;
+    let readiness = Readiness::new(health);
+    // Each held message watches for shutdown on its own copy.
+    let stop = shutdown.clone();
+    // Probe while idle too, so a replica whose storage broke says so before
+    // a message finds out.
+    let prober = {
+        let (handler, readiness, mut stop) = (handler.clone(), readiness.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                readiness.set_fault(handler.probe().await.err());
+                tokio::select! {
+                    _ = tokio::time::sleep(PROBE_EVERY) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
     'connect: while !*shutdown.borrow() {
         let channel = match broker.channel().await {
             Ok(c) => c,
             Err(e) => {
-                health.set_ready(false, "no broker connection");
+                readiness.set_consuming(Some("no broker connection"));
                 tracing::warn!(error = %e, "connecting to the broker");
                 failures += 1;
                 tokio::select! {
@@ -198,21 +306,27 @@ pub async fn run<H: Handler>(
             }
         };
         failures = 0;
-        health.set_ready(true, "consuming");
+        readiness.set_consuming(None);
         tracing::info!(queue = queue.queue, prefetch, "consuming");
         loop {
             tokio::select! {
                 next = consumer.next() => match next {
                     Some(Ok(delivery)) => {
-                        tasks.spawn(handle_delivery(delivery, handler.clone(), metrics.clone()));
+                        tasks.spawn(handle_delivery(
+                            delivery,
+                            handler.clone(),
+                            metrics.clone(),
+                            readiness.clone(),
+                            stop.clone(),
+                        ));
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "consumer failed; reconnecting");
-                        health.set_ready(false, "reconnecting to the broker");
+                        readiness.set_consuming(Some("reconnecting to the broker"));
                         continue 'connect;
                     }
                     None => {
-                        health.set_ready(false, "reconnecting to the broker");
+                        readiness.set_consuming(Some("reconnecting to the broker"));
                         continue 'connect;
                     }
                 },
@@ -221,7 +335,31 @@ pub async fn run<H: Handler>(
             }
         }
     }
-    health.set_ready(false, "shutting down");
+    readiness.set_consuming(Some("shutting down"));
+    prober.abort();
     tracing::info!(in_flight = tasks.len(), "finishing in-flight messages");
     while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_while_consuming_and_not_faulted() {
+        let health = Health::default();
+        let r = Readiness::new(health.clone());
+        r.set_consuming(None);
+        assert!(health.is_ready());
+        r.set_fault(Some("the ledger is read-only".into()));
+        assert!(!health.is_ready());
+        // Reconnecting to the broker must not hide the fault, nor end it.
+        r.set_consuming(Some("reconnecting to the broker"));
+        r.set_consuming(None);
+        assert!(!health.is_ready());
+        r.set_fault(None);
+        assert!(health.is_ready());
+        r.set_consuming(Some("shutting down"));
+        assert!(!health.is_ready());
+    }
 }

@@ -9,7 +9,8 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MessageLabels {
     pub event: String,
-    /// `ok`, `retried`, `failed` (dead-lettered) or `poison`.
+    /// `ok`, `retried`, `held` (kept unacknowledged while the replica's own
+    /// probe fails), `failed` (dead-lettered) or `poison`.
     pub outcome: String,
 }
 

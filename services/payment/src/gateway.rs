@@ -56,4 +56,10 @@ pub trait PaymentGateway: Send + Sync {
     fn charge<'a>(&'a self, req: &'a ChargeRequest) -> GatewayFuture<'a, ChargeOutcome>;
     /// Returns the refund's id.
     fn refund<'a>(&'a self, req: &'a RefundRequest) -> GatewayFuture<'a, String>;
+    /// Whether this replica can record money moving at all (`Err` says why
+    /// not): a local ledger that can't be written is a fault of the replica,
+    /// not of the order. A remote provider's errors are per request.
+    fn probe(&self) -> Result<(), String> {
+        Ok(())
+    }
 }

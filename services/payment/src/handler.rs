@@ -371,4 +371,8 @@ impl Handler for Payment {
             _ => Ok(()),
         }
     }
+
+    async fn probe(&self) -> Result<(), String> {
+        self.gateway.probe()
+    }
 }

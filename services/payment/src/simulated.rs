@@ -93,15 +93,7 @@ impl Simulated {
         let io = |e: std::io::Error| {
             GatewayError::Retryable(format!("ledger {}: {e}", self.path.display()))
         };
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&self.path)
-            .map_err(io)?;
+        let mut file = self.open_for_append().map_err(io)?;
         file.lock().map_err(io)?;
         let existing = read_ledger(&self.path).map_err(io)?;
         if let Some(found) = existing.into_iter().find(|e| e.key == key) {
@@ -114,6 +106,20 @@ impl Simulated {
         file.write_all(line.as_bytes()).map_err(io)?;
         file.sync_data().map_err(io)?;
         Ok(entry)
+    }
+
+    /// Opens the ledger for appending, as [`record`](Self::record) does: it
+    /// fails on a read-only or missing mount (for root too, whom file modes
+    /// don't stop).
+    fn open_for_append(&self) -> std::io::Result<std::fs::File> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .read(true)
+            .open(&self.path)
     }
 
     fn transient_failure(&self, key: &str) -> bool {
@@ -144,6 +150,12 @@ fn now() -> String {
 impl PaymentGateway for Simulated {
     fn name(&self) -> &'static str {
         "simulated"
+    }
+
+    fn probe(&self) -> Result<(), String> {
+        self.open_for_append()
+            .map(drop)
+            .map_err(|e| format!("the ledger {} can't be written: {e}", self.path.display()))
     }
 
     fn charge<'a>(&'a self, req: &'a ChargeRequest) -> GatewayFuture<'a, ChargeOutcome> {
@@ -268,6 +280,20 @@ mod tests {
             ledger.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
             vec!["k1", "k2", "k3"]
         );
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_probe_fails_when_the_ledger_cannot_be_opened_for_writing() {
+        let dir = std::env::temp_dir().join(format!("dp-ledger-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(Simulated::new(dir.join("ledger.jsonl")).probe(), Ok(()));
+        // A directory where the file should be: opening it to append fails
+        // for root too (unlike a chmod).
+        let blocked = dir.join("blocked");
+        std::fs::create_dir_all(&blocked).unwrap();
+        let err = Simulated::new(blocked.clone()).probe().unwrap_err();
+        assert!(err.contains("can't be written"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }
