@@ -623,15 +623,25 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
     }
     after.conditions = owned.conditions.clone();
 
+    // Queued before the write: if the write's outcome is unknown (a timeout),
+    // the next reconcile still announces what may have been committed.
     for kind in &to_publish {
         ctx.memory.queue(&uid, *kind);
     }
     if owned != Owned::of(status) {
-        if to_publish.contains(&EventType::OrderCancelled) {
-            write_status_if_unchanged(ctx, order, &owned).await?;
+        let written = if to_publish.contains(&EventType::OrderCancelled) {
+            write_status_if_unchanged(ctx, order, &owned).await
         } else {
-            write_status(ctx, order, &owned).await?;
+            write_status(ctx, order, &owned).await
+        };
+        if let Err(Error::Conflict(_)) = &written {
+            // A conflict wrote nothing: the decision is void, and so are its
+            // events (a lost cancellation must not announce order.cancelled).
+            for kind in &to_publish {
+                ctx.memory.discard(&uid, *kind);
+            }
         }
+        written?;
     }
     if matches!(compensation, Some((true, ..))) {
         ctx.metrics.compensation_failed.inc();

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use common::{Bed, condition, phase};
 use dishpatch_api::OrderPhase;
+use dishpatch_api::events::EventType;
 use dishpatch_testkit::{FreezableProxy, apiserver_addr, fixtures, kubeconfig_via};
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
@@ -17,10 +18,13 @@ const T: Duration = Duration::from_secs(30);
 /// The operator decides to cancel from what it saw; before its write lands,
 /// the courier picks the order up. Its write must lose (409), and it must
 /// decide again: too late to cancel. Without the precondition the customer
-/// would get the food and the refund.
+/// would get the food and the refund. Nor may the lost decision be
+/// announced: an `order.cancelled` for a delivered order would have payment
+/// look for a refund and the customer told it was called off.
 #[tokio::test]
 async fn a_cancellation_decided_before_a_pick_up_loses_to_it() {
     let bed = Bed::new("race-cancel").await;
+    let mut cancellations = bed.tap(&[EventType::OrderCancelled]).await;
     let proxy = FreezableProxy::start(apiserver_addr().unwrap())
         .await
         .unwrap();
@@ -105,4 +109,12 @@ async fn a_cancellation_decided_before_a_pick_up_loses_to_it() {
         "cancelled although the courier had picked the order up"
     );
     assert_eq!(phase(&o), Some(OrderPhase::OutForDelivery));
+    // The operator retries a conflicted reconcile within a second or two.
+    let announced = cancellations
+        .next_matching(Duration::from_secs(5), |_| true)
+        .await;
+    assert!(
+        announced.is_none(),
+        "order.cancelled was published for a cancellation that lost the race: {announced:?}"
+    );
 }
