@@ -503,3 +503,67 @@ pub async fn break_order(
         .await?;
     Ok(())
 }
+
+/// Server-sent events as tests read them off a streaming body.
+pub mod sse {
+    /// One event: its type (`message` unless named), id and data.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct SseEvent {
+        pub event: String,
+        pub id: String,
+        pub data: String,
+    }
+
+    /// Takes the next complete event off the front of `buf`, skipping blocks
+    /// that carry neither `event:` nor `data:` (keep-alives, comments);
+    /// `None` until a whole event has arrived.
+    pub fn take_event(buf: &mut String) -> Option<SseEvent> {
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut ev = SseEvent {
+                event: "message".into(),
+                id: String::new(),
+                data: String::new(),
+            };
+            let mut any = false;
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    ev.event = v.trim().into();
+                    any = true;
+                } else if let Some(v) = line.strip_prefix("id:") {
+                    ev.id = v.trim().into();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    ev.data.push_str(v.trim_start());
+                    any = true;
+                }
+            }
+            if any {
+                return Some(ev);
+            }
+        }
+        None
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn keep_alives_are_skipped_and_partial_events_wait() {
+            let mut buf =
+                String::from(": keep-alive\n\nevent: phase\nid: 7\ndata: {\"a\":1}\n\nevent: pha");
+            let ev = take_event(&mut buf);
+            assert_eq!(
+                ev,
+                Some(SseEvent {
+                    event: "phase".into(),
+                    id: "7".into(),
+                    data: "{\"a\":1}".into()
+                })
+            );
+            assert_eq!(take_event(&mut buf), None, "half an event is not an event");
+            buf.push_str("se\ndata: x\n\n");
+            assert_eq!(take_event(&mut buf).map(|e| e.event), Some("phase".into()));
+        }
+    }
+}

@@ -933,12 +933,7 @@ pub struct SseReader {
     buf: String,
 }
 
-#[derive(Debug, Clone)]
-pub struct SseEvent {
-    pub event: String,
-    pub id: String,
-    pub data: String,
-}
+pub use dishpatch_testkit::sse::SseEvent;
 
 impl SseReader {
     pub fn new(response: hyper::Response<hyper::body::Incoming>) -> Self {
@@ -951,28 +946,8 @@ impl SseReader {
     /// The next event (keep-alives skipped); `None` when the stream ends or errs.
     pub async fn next(&mut self) -> Option<SseEvent> {
         loop {
-            while let Some(end) = self.buf.find("\n\n") {
-                let block: String = self.buf.drain(..end + 2).collect();
-                let mut ev = SseEvent {
-                    event: "message".into(),
-                    id: String::new(),
-                    data: String::new(),
-                };
-                let mut any = false;
-                for line in block.lines() {
-                    if let Some(v) = line.strip_prefix("event:") {
-                        ev.event = v.trim().into();
-                        any = true;
-                    } else if let Some(v) = line.strip_prefix("id:") {
-                        ev.id = v.trim().into();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        ev.data.push_str(v.trim_start());
-                        any = true;
-                    }
-                }
-                if any {
-                    return Some(ev);
-                }
+            if let Some(ev) = dishpatch_testkit::sse::take_event(&mut self.buf) {
+                return Some(ev);
             }
             let frame = self.body.frame().await?.ok()?;
             if let Ok(data) = frame.into_data() {
