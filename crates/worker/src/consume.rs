@@ -49,7 +49,10 @@ impl From<dishpatch_messaging::PublishError> for HandleError {
 /// A worker's stage logic.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event. `Ok` acks it: return only once the Order's status
-    /// holds the result (or there is nothing to do).
+    /// holds the result (or there is nothing to do). A handler that waits
+    /// (on another holder, say) should watch the shutdown signal it was
+    /// built with and return `Retryable` when shutdown begins: the message
+    /// then goes back to the queue at once, without another attempt.
     fn handle(
         &self,
         event: CloudEvent,
@@ -210,6 +213,13 @@ async fn handle_delivery<H: Handler>(
                 return;
             }
             Err(HandleError::Retryable(why)) => {
+                if *shutdown.borrow() {
+                    // No more attempts here: another replica or the next
+                    // start takes it (a handler that waits gives up on
+                    // shutdown for this, see `Handler::handle`).
+                    tracing::info!(event = %kind, order = %event.subject, %why, "shutting down: back to the queue");
+                    break;
+                }
                 if let Err(fault) = handler.probe().await {
                     // This replica is broken, not the message: keep it
                     // unacknowledged until the fault is repaired, and don't
@@ -224,7 +234,10 @@ async fn handle_delivery<H: Handler>(
                 }
                 tracing::info!(event = %kind, order = %event.subject, %why, attempt, "retrying");
                 metrics.handled(&kind, "retried");
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(attempt)) => {}
+                    _ = shutdown.wait_for(|s| *s) => break, // back to the queue
+                }
                 attempt += 1;
             }
         }
@@ -240,7 +253,9 @@ async fn handle_delivery<H: Handler>(
 
 /// Consumes `queue` until `shutdown`, reconnecting when the broker goes away.
 /// On shutdown it stops taking deliveries and finishes the ones in hand;
-/// anything unacked returns to the queue for another replica.
+/// one that fails retryably, or is backing off before a retry, is not
+/// tried again but returned to the queue (nack, requeue) at once, as is
+/// anything else unacked, for another replica.
 pub async fn run<H: Handler>(
     broker: Arc<Broker>,
     queue: &ServiceQueue,
@@ -301,8 +316,10 @@ pub async fn run<H: Handler>(
             Err(e) => {
                 tracing::warn!(error = %e, "starting to consume");
                 failures += 1;
-                tokio::time::sleep(backoff(failures)).await;
-                continue;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(failures)) => continue 'connect,
+                    _ = shutdown.wait_for(|s| *s) => break 'connect,
+                }
             }
         };
         failures = 0;

@@ -708,3 +708,47 @@ async fn a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_timeout() 
         );
     }
 }
+
+#[tokio::test]
+async fn sigterm_while_backing_off_before_a_retry_gives_the_event_back() {
+    let mut bed = Bed::new("notify-sigterm-retry").await;
+    // The integrator answers 500 for fail-*: the webhook is retried with
+    // backoff (about 5 s over five attempts) before the event is requeued.
+    let order = bed
+        .create_order(
+            fixtures::order("fail-backoff", "roma", &[("pizza", 1)]),
+            Some("backoff@example.com"),
+            accepted(),
+        )
+        .await;
+    bed.start_service().await;
+    bed.wait_ready(0).await;
+    bed.publish(bed.order_ref(&order), EventType::OrderAccepted, None)
+        .await;
+    wait_for(
+        T,
+        "a second webhook attempt",
+        || bed.receiver.for_order("fail-backoff"),
+        |h| h.len() >= 2,
+    )
+    .await;
+
+    let attempts_at_sigterm = bed.receiver.for_order("fail-backoff").len();
+    let stopped = bed.terminate_replica(0, Duration::from_secs(25)).await;
+    eprintln!("SIGTERM to exit while backing off: {stopped:?}");
+    let (took, status) = stopped.expect("still running 25 s after SIGTERM");
+    assert!(status.success(), "exited with {status}");
+    // At most the attempt in flight at the SIGTERM lands after it; the
+    // backoff itself ends at once.
+    let attempts = bed.receiver.for_order("fail-backoff").len();
+    assert!(
+        attempts <= attempts_at_sigterm + 1,
+        "{attempts} webhook attempts: it went on retrying after SIGTERM ({attempts_at_sigterm} before it), for {took:?}"
+    );
+    assert!(took < Duration::from_secs(2), "took {took:?} to stop");
+    // The e-mail went out once, on the first attempt; the event is back on
+    // the queue for the webhook, not dead-lettered.
+    assert_eq!(bed.smtp.to("backoff@example.com").len(), 1);
+    assert_eq!(bed.queued().await, 1, "the event is not back on the queue");
+    assert!(bed.drain_dead_letters().await.is_empty());
+}

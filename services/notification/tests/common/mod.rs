@@ -378,6 +378,52 @@ impl Bed {
         }
     }
 
+    /// SIGTERMs replica `i`, as the kubelet does on a rollout or a scale
+    /// down, and waits up to `limit` for it to exit: how long it took, and
+    /// its exit status. `None` if it outlived `limit` (it is then SIGKILLed,
+    /// as the kubelet does after the grace period).
+    pub async fn terminate_replica(
+        &mut self,
+        i: usize,
+        limit: Duration,
+    ) -> Option<(Duration, std::process::ExitStatus)> {
+        let (mut child, _) = self.replicas.get_mut(i).and_then(Option::take)?;
+        let pid = child.id().expect("the replica has exited already");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .await
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}: {sent}");
+        let started = tokio::time::Instant::now();
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => Some((started.elapsed(), status.unwrap())),
+            Err(_) => {
+                child.kill().await.unwrap();
+                None
+            }
+        }
+    }
+
+    /// Messages ready on the notification queue (not counting those
+    /// delivered and not yet acknowledged).
+    pub async fn queued(&self) -> u32 {
+        let channel = self.broker.channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                NOTIFICATION_QUEUE.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let _ = channel.close(200, "done".into()).await;
+        declared.message_count()
+    }
+
     /// Replica `i`'s admin address.
     pub fn admin_of(&self, i: usize) -> SocketAddr {
         self.replicas[i].as_ref().expect("replica not running").1
