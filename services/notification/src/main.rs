@@ -138,6 +138,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
             me: Me::new(&identity, jiff::Timestamp::now()),
             timeout: config.claim_timeout,
         },
+        shutdown.clone(),
     ));
     tracing::info!(
         smtp = %format!("{}:{}", config.smtp_host, config.smtp_port),

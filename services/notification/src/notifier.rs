@@ -8,7 +8,8 @@
 //! channels in the Order's `status.notifications` (see [`crate::claims`] and
 //! [`crate::record`]), and after sending it records them `Sent`: two writes
 //! per event, whatever the number of copies. A replica that finds `Sent`
-//! sends nothing; one that finds another's live claim waits for it.
+//! sends nothing; one that finds another's live claim waits for it, or, on
+//! shutdown, gives the event back to the queue.
 //!
 //! The guarantee: one e-mail and one webhook per event, unless a replica
 //! dies (or can't reach the apiserver for longer than the claim timeout)
@@ -33,6 +34,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use tokio::sync::watch;
 
 use crate::claims::{self, Me, Seen};
 use crate::mail::{self, Mailer};
@@ -131,6 +133,10 @@ pub struct ClaimConfig {
     pub timeout: Duration,
 }
 
+/// The first re-read of an Order whose notification another holder claimed;
+/// it doubles up to 2 s.
+const FIRST_PAUSE: Duration = Duration::from_millis(100);
+
 /// Most compare-and-swaps lost in a row before the event is retried later.
 const MAX_LOST_RACES: u32 = 10;
 
@@ -145,6 +151,9 @@ pub struct Notifier {
     attempts: AtomicU64,
     /// Holder names of the attempts running now.
     active: Mutex<HashSet<String>>,
+    /// Flips on SIGTERM: waits on another holder's claim end then, and the
+    /// event goes back to the queue.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// One attempt's holder name, registered as active until dropped.
@@ -193,6 +202,7 @@ impl Notifier {
         webhook: Option<Webhook>,
         metrics: NotificationMetrics,
         claims: ClaimConfig,
+        shutdown: watch::Receiver<bool>,
     ) -> Self {
         Self {
             orders,
@@ -203,6 +213,7 @@ impl Notifier {
             claims,
             attempts: AtomicU64::new(0),
             active: Mutex::new(HashSet::new()),
+            shutdown,
         }
     }
 
@@ -225,10 +236,14 @@ impl Notifier {
     }
 
     /// Claims the channels of `event` that are to be sent, waiting while
-    /// another attempt holds a live claim on one of them.
+    /// another attempt holds a live claim on one of them. Shutdown ends the
+    /// wait with a retryable error, before this attempt claimed anything,
+    /// so the event goes back to the queue for another replica or the next
+    /// start: waiting out the claim would hold up the pod's exit by up to
+    /// the claim timeout.
     async fn claim(&self, event: &CloudEvent, holder: &str) -> Result<Claim, HandleError> {
         let started = Instant::now();
-        let mut pause = Duration::from_millis(100);
+        let mut pause = FIRST_PAUSE;
         let mut lost = 0;
         loop {
             let Some(order) = self.orders.order(&event.data.order).await? else {
@@ -276,7 +291,19 @@ impl Notifier {
                     )));
                 }
                 let left = Duration::try_from(until - now).unwrap_or_default();
-                tokio::time::sleep(pause.min(left).max(Duration::from_millis(50))).await;
+                if pause == FIRST_PAUSE {
+                    tracing::info!(order = %event.subject, event = %event.type_, ?left, "waiting for another holder's claim");
+                }
+                let mut shutdown = self.shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(pause.min(left).max(Duration::from_millis(50))) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => {
+                        return Err(HandleError::Retryable(format!(
+                            "shutting down while {} is claimed by another holder",
+                            event.id
+                        )));
+                    }
+                }
                 pause = (pause * 2).min(Duration::from_secs(2));
                 continue;
             }

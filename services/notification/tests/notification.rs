@@ -710,6 +710,96 @@ async fn a_claim_left_by_a_dead_replica_is_taken_over_after_the_claim_timeout() 
 }
 
 #[tokio::test]
+async fn sigterm_while_waiting_on_another_replicas_claim_gives_the_event_back() {
+    let mut bed = Bed::new("notify-sigterm").await;
+    let order = bed
+        .create_order(
+            fixtures::order("waiting", "roma", &[("pizza", 1)]),
+            Some("waiting@example.com"),
+            accepted(),
+        )
+        .await;
+    let uid = order.uid().unwrap();
+    let event_id = format!("{uid}.order.accepted");
+    // Another replica, alive, claimed both channels just now and is sending.
+    const CLAIM_TIMEOUT: &str = "15s";
+    let claimed_at = jiff::Timestamp::now();
+    let expiry = jiff::Timestamp::from_second(claimed_at.as_second() + 15).unwrap();
+    let claim = |channel: &str| {
+        json!({"event": event_id, "channel": channel, "state": "Claimed",
+               "holder": "other-replica/1-1",
+               "at": claimed_at.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()})
+    };
+    bed.orders()
+        .patch_status(
+            "waiting",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"notifications": [claim("Email"), claim("Webhook")]}})),
+        )
+        .await
+        .unwrap();
+    bed.start_replica(0, &["--claim-timeout", CLAIM_TIMEOUT])
+        .await;
+    bed.wait_ready(0).await;
+    bed.publish(bed.order_ref(&order), EventType::OrderAccepted, None)
+        .await;
+    // The broker confirmed the event, so once the queue shows nothing ready
+    // the replica holds it, unacknowledged, behind the other's claim.
+    let (ok, ready) = eventually(T, || bed.queued(), |&ready| ready == 0).await;
+    assert!(
+        ok,
+        "the event was not delivered to replica 0: {ready} ready"
+    );
+
+    // The pod is being replaced: it must stop now, not when the claim expires.
+    let left = Duration::try_from(expiry - jiff::Timestamp::now()).unwrap_or_default();
+    let stopped = bed.terminate_replica(0, Duration::from_secs(25)).await;
+    eprintln!("SIGTERM to exit: {stopped:?}, with {left:?} left on the other replica's claim");
+    let (took, status) = stopped.expect("still running 25 s after SIGTERM");
+    assert!(status.success(), "exited with {status}");
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?} to stop after SIGTERM ({left:?} were left on the claim it waited for)"
+    );
+    // It gave the event back: queued again, not acknowledged, not
+    // dead-lettered, and nothing went out.
+    assert_eq!(bed.queued().await, 1, "the event is not back on the queue");
+    assert!(bed.drain_dead_letters().await.is_empty());
+    assert!(bed.smtp.to("waiting@example.com").is_empty());
+    assert!(bed.receiver.for_order("waiting").is_empty());
+
+    // The next process to start takes the event and sends it, once, when
+    // the other replica's claim expires.
+    bed.start_replica(0, &["--claim-timeout", CLAIM_TIMEOUT])
+        .await;
+    let (ok, handled) = eventually(T, || bed.handled(0, "order.accepted"), |&n| n == 1).await;
+    assert!(ok, "the event was not handled after the restart: {handled}");
+    // Acknowledged, so anything sent is in the sink.
+    let mails = bed.smtp.to("waiting@example.com");
+    let hooks = bed.receiver.for_order("waiting");
+    assert_eq!((mails.len(), hooks.len()), (1, 1), "{mails:#?}");
+    assert!(hooks[0].verifies(SECRET));
+    let records = bed
+        .orders()
+        .get("waiting")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .notifications;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r.state, NotificationState::Sent, "{records:#?}");
+        assert_ne!(r.holder, "other-replica/1-1");
+        assert!(
+            r.at.0 >= expiry,
+            "sent at {} before the claim expired",
+            r.at.0
+        );
+    }
+}
+
+#[tokio::test]
 async fn sigterm_while_backing_off_before_a_retry_gives_the_event_back() {
     let mut bed = Bed::new("notify-sigterm-retry").await;
     // The integrator answers 500 for fail-*: the webhook is retried with
