@@ -347,6 +347,11 @@ pub enum KitchenState {
 #[serde(rename_all = "camelCase")]
 pub struct KitchenStatus {
     pub state: KitchenState,
+    /// The restaurant's ticket number: tickets start cooking in this order,
+    /// whichever kitchen replica took them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub ticket: Option<i64>,
     /// When the kitchen took the ticket.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ticket_accepted_at: Option<Time>,
