@@ -2,9 +2,10 @@
 //! restaurant's capacity, and reports them ready.
 
 mod handler;
+mod rail;
 mod schedule;
 
-use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dishpatch_worker::{CommonArgs, ServiceError, Stage, serve};
@@ -36,6 +37,32 @@ struct Args {
     /// Resume only tickets in this namespace at start-up (default: all).
     #[arg(long, env = "DISHPATCH_NAMESPACE")]
     namespace: Option<String>,
+    /// This replica's name on the restaurants' ticket rails: the pod name.
+    /// Replicas that share one only do some work twice. Default: the hostname.
+    #[arg(long, env = "DISHPATCH_IDENTITY", value_parser = parse_identity)]
+    identity: Option<String>,
+    /// How long past its end another replica's ticket must be before this
+    /// one finishes it (its replica died). Must exceed the clock skew
+    /// between nodes.
+    #[arg(long, env = "DISHPATCH_ADOPT_AFTER", default_value = "10s",
+        value_parser = dishpatch_runtime::time::parse_duration)]
+    adopt_after: Duration,
+}
+
+fn parse_identity(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 253 {
+        return Err(format!("invalid identity {s:?}: 1 to 253 characters"));
+    }
+    Ok(s.to_string())
+}
+
+/// The hostname: a restarted process finishes its own tickets at once.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "dishpatch-kitchen".into())
 }
 
 const STAGE: Stage = Stage {
@@ -47,15 +74,15 @@ const STAGE: Stage = Stage {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Run(args) = Cli::parse().command;
-    let scale = args.time_scale;
+    let settings = handler::Settings {
+        scale: args.time_scale,
+        identity: args.identity.clone().unwrap_or_else(hostname),
+        adopt_after: args.adopt_after,
+    };
     let namespace = args.namespace.clone();
     serve(STAGE, args.common, |parts| async move {
-        let kitchen = handler::Kitchen {
-            access: parts.access,
-            scale,
-            kitchens: Arc::new(Mutex::new(schedule::Kitchens::default())),
-            cooking: Arc::default(),
-        };
+        tracing::info!(identity = %settings.identity, "kitchen replica");
+        let kitchen = handler::Kitchen::new(parts.access, settings);
         let resumed = handler::resume_all(&kitchen, namespace.as_deref())
             .await
             .map_err(|e| ServiceError::Setup(format!("resuming tickets: {e}")))?;
