@@ -86,7 +86,7 @@ load_chart_images() {
 
 values() { # <tag>
   echo --set image.tag="$1" --set rabbitmq.image.repository="${RMQ_IMAGE%:*}" --set rabbitmq.image.tag="${RMQ_IMAGE##*:}" \
-    --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s \
+    --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s --set kitchen.replicas=2 \
     --set payment.ledger.persistence.storageClass=dishpatch-local --set rabbitmq.persistence.storageClass=dishpatch-local
 }
 

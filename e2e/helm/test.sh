@@ -56,7 +56,8 @@ static() {
   refuse "at '/operator/replicas': got string, want integer" --set operator.replicas=two
   refuse "at '/payment/gateway': value must be one of 'simulated', 'stripe'" --set payment.gateway=paypal
   refuse "at '/payment/replicas': maximum: got 2, want 1" --set payment.replicas=2
-  refuse "at '/kitchen/replicas': maximum: got 2, want 1" --set kitchen.replicas=2
+  refuse "at '/kitchen/replicas': maximum: got 51, want 50" --set kitchen.replicas=51
+  refuse "at '/kitchen/adoptAfter': 'soon' does not match pattern" --set kitchen.adoptAfter=soon
   refuse "at '/payment/ledger/persistence/enabled'" --set payment.ledger.persistence.enabled=sometimes
   refuse "additional properties 'enable' not allowed" --set networkPolicy.enable=false
   refuse "must not be guest" --set rabbitmq.password=guest
@@ -68,7 +69,7 @@ static() {
   refuse "at '/facade/jwt/keyGrace': '1h30m' does not match pattern" --set facade.jwt.keyGrace=1h30m
   refuse "at '/notification/claimTimeout': 'soon' does not match pattern" --set notification.claimTimeout=soon
   refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
-  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 2 kitchens, bad enums and durations"
+  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 51 kitchens, bad enums and durations"
 
   # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
   local rendered; rendered=$(mktemp)
