@@ -107,6 +107,6 @@ kind-up: ## kind cluster from kind-config.yaml, images loaded, chart installed, 
 	for c in operator payment kitchen delivery notification facade; do KUBECONFIG=$(KIND_KUBECONFIG) kind load docker-image --name dishpatch dishpatch/$$c:$$(hack/images.sh tag); done
 	KUBECONFIG=$(KIND_KUBECONFIG) kind load docker-image --name dishpatch dishpatch/chart-test:1
 	hack/tools.sh helm
-	KUBECONFIG=$(KIND_KUBECONFIG) $$(hack/tools.sh path helm) install dishpatch helm/dishpatch -n dishpatch --create-namespace --set image.tag=$$(hack/images.sh tag) --set facade.devLogin=true --wait
+	KUBECONFIG=$(KIND_KUBECONFIG) $$(hack/tools.sh path helm) install dishpatch helm/dishpatch -n dishpatch --create-namespace --set-string image.tag=$$(hack/images.sh tag) --set facade.devLogin=true --wait
 	KUBECONFIG=$(KIND_KUBECONFIG) kubectl -n dishpatch apply -f examples/restaurant.yaml -f examples/couriers.yaml
 	@echo "façade: http://localhost:8080   (helm test dishpatch -n dishpatch places an order)"

@@ -85,7 +85,8 @@ load_chart_images() {
 }
 
 values() { # <tag>
-  echo --set image.tag="$1" --set rabbitmq.image.repository="${RMQ_IMAGE%:*}" --set rabbitmq.image.tag="${RMQ_IMAGE##*:}" \
+  # --set-string: a tag of digits only (a short commit hash such as 2257074) is still a string
+  echo --set-string image.tag="$1" --set rabbitmq.image.repository="${RMQ_IMAGE%:*}" --set-string rabbitmq.image.tag="${RMQ_IMAGE##*:}" \
     --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s --set kitchen.replicas=2 \
     --set payment.ledger.persistence.storageClass=dishpatch-local --set rabbitmq.persistence.storageClass=dishpatch-local
 }

@@ -84,24 +84,7 @@ async fn a_ticket_cooks_even_when_announcing_it_fails() {
         .await
         .unwrap();
 
-    let event = CloudEvent::new(
-        EventType::PaymentSucceeded,
-        "payment",
-        OrderRef {
-            namespace: p.ns.name.clone(),
-            name: "o1".into(),
-            uid: order.uid().unwrap(),
-        },
-        None,
-        jiff::Timestamp::now().to_string(),
-    );
-    p.broker
-        .publish(
-            &event,
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .await
-        .unwrap();
+    publish_paid(&p, &order).await;
 
     let o = p
         .wait_order("o1", T, "the ticket to be ready", |o| {
@@ -138,24 +121,7 @@ async fn an_order_that_does_not_parse_does_not_stop_the_kitchen() {
     let order = paid_order(&p, "o1").await;
     // Starting lists every Order to resume tickets still cooking.
     let mut kitchen = p.start("kitchen", &[]);
-    let event = CloudEvent::new(
-        EventType::PaymentSucceeded,
-        "payment",
-        OrderRef {
-            namespace: p.ns.name.clone(),
-            name: "o1".into(),
-            uid: order.uid().unwrap(),
-        },
-        None,
-        jiff::Timestamp::now().to_string(),
-    );
-    p.broker
-        .publish(
-            &event,
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        )
-        .await
-        .unwrap();
+    publish_paid(&p, &order).await;
     p.wait_order("o1", T, "the ticket to be ready", |o| {
         o.status
             .as_ref()
