@@ -17,6 +17,8 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 use tokio::io::AsyncWriteExt;
 
+pub mod net;
+
 /// What went wrong while preparing a test.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
