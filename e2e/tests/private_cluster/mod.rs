@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use dishpatch_api::{Order, OrderPhase};
+use dishpatch_testkit::net::free_port;
 use dishpatch_testkit::{binary, workspace_root};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -778,14 +779,6 @@ async fn smtp_sink() -> (u16, Arc<AtomicU32>, tokio::task::JoinHandle<()>) {
         }
     });
     (port, mails, task)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The façade of a [`Bed`], over plain HTTP on loopback.

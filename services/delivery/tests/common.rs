@@ -13,6 +13,8 @@ use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
 use dishpatch_api::order::DeliveryStatus;
 use dishpatch_api::{Order, Restaurant};
 use dishpatch_messaging::{Broker, EventTap, dead_letter_queue, trace};
+use dishpatch_testkit::net::free_port;
+pub use dishpatch_testkit::net::http_get;
 use dishpatch_testkit::{
     TestNamespace, amqp_vhost, client, ensure_crds, eventually, fixtures, kubeconfig_path,
 };
@@ -20,7 +22,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use lapin::options::BasicGetOptions;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
 pub const ZONE: &str = "mitte";
@@ -39,31 +40,6 @@ pub struct Delivery {
     pub child: Child,
     pub admin: SocketAddr,
     pub log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A bare HTTP/1.1 GET on loopback: (status, body).
-pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    Some((code, body))
 }
 
 impl Delivery {

@@ -232,6 +232,7 @@ impl PaymentGateway for Stripe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dishpatch_testkit::net::free_port;
 
     /// Stripe's own mock server, built by `hack/tools.sh` (hack/deps.sh).
     struct StripeMock {
@@ -244,14 +245,6 @@ mod tests {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     async fn stripe_mock() -> StripeMock {

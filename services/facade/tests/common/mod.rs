@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dishpatch_testkit::TestNamespace;
+use dishpatch_testkit::net::free_port;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{HeaderMap, Method, Request, StatusCode};
@@ -42,14 +43,6 @@ impl Reply {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Facade {

@@ -17,6 +17,7 @@ use axum::routing::post;
 use dishpatch_api::Order;
 use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
 use dishpatch_messaging::{Broker, dead_letter_queue};
+use dishpatch_testkit::net::free_port;
 use dishpatch_testkit::{TestNamespace, amqp_vhost, client, ensure_crds, kubeconfig_path};
 use hmac::{Hmac, KeyInit, Mac};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -85,15 +86,6 @@ async fn python() -> PathBuf {
         })
         .await
         .clone()
-}
-
-/// A free loopback port (bound and released; the race is acceptable in tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 async fn wait_listening(port: u16, what: &str) {
