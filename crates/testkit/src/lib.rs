@@ -17,6 +17,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 use tokio::io::AsyncWriteExt;
 
+pub mod facade;
 pub mod net;
 
 /// What went wrong while preparing a test.

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use dishpatch_api::{Order, OrderPhase};
+use dishpatch_testkit::facade::mint_token;
 use dishpatch_testkit::net::free_port;
 use dishpatch_testkit::{binary, workspace_root};
 use http_body_util::{BodyExt, Full};
@@ -839,20 +840,14 @@ impl Facade {
 
     /// A customer token minted by the façade binary's own `token` subcommand.
     pub async fn token(&self, sub: &str) -> String {
-        let out = tokio::process::Command::new(binary("dishpatch-facade"))
-            .args(["token", "--role", "customer", "--sub", sub, "--ttl", "30m"])
-            .arg("--key-file")
-            .arg(&self.key_file)
-            .args(["--email", &format!("{sub}@example.com")])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        mint_token(
+            binary("dishpatch-facade"),
+            &self.key_file,
+            "customer",
+            sub,
+            "30m",
+        )
+        .await
     }
 
     pub async fn send(

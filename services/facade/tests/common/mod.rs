@@ -7,6 +7,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use dishpatch_testkit::TestNamespace;
+use dishpatch_testkit::facade::mint_token;
 use dishpatch_testkit::net::free_port;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -197,20 +198,7 @@ impl Facade {
 
     /// A token valid for `ttl` (for example `3s`).
     pub async fn token_for(&self, role: &str, sub: &str, ttl: &str) -> String {
-        let out = Command::new(BIN)
-            .args(["token", "--role", role, "--sub", sub, "--ttl", ttl])
-            .arg("--key-file")
-            .arg(&self.key_file)
-            .args(["--email", &format!("{sub}@example.com")])
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
+        mint_token(BIN, &self.key_file, role, sub, ttl).await
     }
 
     pub async fn call(
