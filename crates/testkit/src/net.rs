@@ -31,7 +31,13 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
+    parse_response(&String::from_utf8_lossy(&buf))
+}
+
+/// (status, body) of a whole HTTP/1.1 response read to its end: the status
+/// is the second word, the body everything after the first blank line
+/// (empty if there is none). `None` if there is no numeric status.
+pub fn parse_response(text: &str) -> Option<(u16, String)> {
     let code = text.split_whitespace().nth(1)?.parse().ok()?;
     let body = text
         .split("\r\n\r\n")
@@ -75,6 +81,20 @@ mod tests {
                 .unwrap()
                 .starts_with("GET /readyz HTTP/1.1\r\n")
         );
+    }
+
+    #[test]
+    fn parse_response_takes_status_and_what_follows_the_headers() {
+        assert_eq!(
+            parse_response("HTTP/1.1 200 OK\r\nA: b\r\n\r\n{\"x\":1}"),
+            Some((200, "{\"x\":1}".to_string()))
+        );
+        assert_eq!(
+            parse_response("HTTP/1.1 204 No Content\r\n"),
+            Some((204, String::new()))
+        );
+        assert_eq!(parse_response("SSH-2.0-OpenSSH_9.6\r\n"), None);
+        assert_eq!(parse_response(""), None);
     }
 
     #[tokio::test]

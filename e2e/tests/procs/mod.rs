@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::Stdio;
 
 use dishpatch_messaging::{SERVICE_QUEUES, dead_letter_queue};
+use dishpatch_testkit::net::parse_response;
 pub use dishpatch_testkit::net::{free_port, http_get};
 use dishpatch_testkit::{binary, kubeconfig_path};
 use lapin::options::QueueDeclareOptions;
@@ -224,18 +225,8 @@ pub async fn http_json(
     s.write_all(&body).await.map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .to_string();
-    Ok((code, body))
+    let text = String::from_utf8_lossy(&buf);
+    parse_response(&text).ok_or_else(|| format!("not an HTTP response: {text:?}"))
 }
 
 /// Takes every message out of `queue` (acking them); their bodies.
