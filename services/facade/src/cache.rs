@@ -13,6 +13,8 @@ use futures::StreamExt;
 use kube::ResourceExt;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::utils::ResetTimerBackoff;
+use kube::runtime::watcher::ExponentialBackoff;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::watch;
@@ -407,7 +409,7 @@ fn spawn_orders(
     let (reader, writer) = reflector::store();
     let cached = reader.clone();
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(retry())
         .filter_map(move |event| std::future::ready(event.map(|e| parsed(e, &cached)).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
@@ -421,6 +423,22 @@ fn spawn_orders(
         }
     });
     reader
+}
+
+/// How the watches retry. Not kube's default (doubling up to 30 s): after
+/// an apiserver outage of half a minute that would leave the façade up to
+/// 30 s behind once the apiserver is back, and a watch resumed that late
+/// relists (410 Gone), folding every phase written meanwhile into one, so
+/// live order streams would skip transitions. Capped at 2 s instead: a
+/// handful of lists per outage.
+fn retry() -> ResetTimerBackoff<ExponentialBackoff> {
+    let exponential = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(250))
+        .with_max_delay(Duration::from_secs(2))
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times();
+    ResetTimerBackoff::new(exponential.into(), Duration::from_secs(60))
 }
 
 /// Restaurants and Couriers are watched through `DeserializeGuard` too:
@@ -439,7 +457,7 @@ where
     let (reader, writer) = reflector::store();
     let cached = reader.clone();
     let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
+        .backoff(retry())
         .filter_map(move |event| std::future::ready(event.map(|e| parsed(e, &cached)).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
