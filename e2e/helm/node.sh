@@ -103,10 +103,24 @@ wait_phase() { # <ns> <order> <phase> <seconds>
   while [ $SECONDS -lt $deadline ]; do
     p=$(kubectl -n "$1" get order "$2" -o jsonpath='{.status.phase}' 2>/dev/null || true)
     [ "$p" = "$3" ] && return 0
-    case "$p" in Rejected|Cancelled) [ "$3" = "$p" ] || { log "order $1/$2 ended $p"; return 1; } ;; esac
+    case "$p" in Rejected|Cancelled) [ "$3" = "$p" ] || { log "order $1/$2 ended $p"; diagnose "$1" "$2"; return 1; } ;; esac
     sleep 1
   done
-  log "order $1/$2 is '$p' after $4s, want $3"; return 1
+  log "order $1/$2 is '$p' after $4s, want $3"; diagnose "$1" "$2"; return 1
+}
+
+diagnose() { # <ns> <order>: what a stuck order and the components say, for the CI log
+  {
+    echo "--- order $1/$2 status"
+    kubectl -n "$1" get order "$2" -o yaml 2>&1 | sed -n '/^status:/,$p'
+    echo "--- its events"
+    kubectl -n "$1" get events --field-selector "involvedObject.name=$2" 2>&1 | tail -20
+    echo "--- lease"; kubectl -n $NS get lease $REL-operator -o yaml 2>&1 | sed -n '/^spec:/,$p'
+    local pod
+    for pod in $(kubectl -n $NS get pods -o name 2>/dev/null); do
+      echo "--- $pod (last 40 lines)"; kubectl -n $NS logs "$pod" --tail=40 2>&1
+    done
+  } | sed 's/^/  | /' >&2
 }
 
 memory_report() { # <when>: each pod's memory (working set) and CPU from the kubelet's summary API
