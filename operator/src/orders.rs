@@ -109,6 +109,12 @@ pub fn error_policy(
         tracing::debug!(%uid, %why, "waiting");
         return Action::requeue(*retry);
     }
+    if let Error::Conflict(why) = error {
+        // Someone wrote first (a stage writer, usually): the watch brings the
+        // newer copy at once; this requeue is only the fallback.
+        tracing::debug!(%uid, %why, "conflict");
+        return Action::requeue(Duration::from_millis(500));
+    }
     let delay = ctx.memory.backoff(&uid);
     tracing::warn!(%uid, error = %error, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
@@ -165,9 +171,10 @@ async fn write_status(ctx: &Context, order: &Order, owned: &Owned) -> Result<()>
 
 /// Like [`write_status`], but only if the Order is still the object the
 /// decision was made from (its resourceVersion is the apply's precondition).
-/// For decisions another writer can overtake: a cancellation races the
-/// courier's pick-up, and exactly one of them may win. On a conflict the
-/// order is reconciled again from what is there now.
+/// For every write after acceptance, when the stage writers write too: a
+/// cancellation races the courier's pick-up, and exactly one of them may
+/// win; a phase computed from a stale copy must not overwrite theirs. On a
+/// conflict the order is reconciled again from what is there now.
 async fn write_status_if_unchanged(ctx: &Context, order: &Order, owned: &Owned) -> Result<()> {
     match apply_status(ctx, order, owned, order.resource_version()).await {
         Err(Error::Kube(kube::Error::Api(e))) if e.code == 409 => Err(Error::Conflict(format!(
@@ -255,6 +262,9 @@ async fn publish(
 }
 
 /// Records a Kubernetes Event on the order; failures only get logged.
+/// How long recording a Kubernetes Event may take before it is given up.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+
 async fn record(ctx: &Context, order: &Order, type_: K8sEventType, reason: &str, note: String) {
     record_on(ctx, &order.object_ref(&()), type_, reason, note).await;
 }
@@ -275,8 +285,11 @@ pub(crate) async fn record_on(
         action: "Reconcile".into(),
         secondary: None,
     };
-    if let Err(e) = ctx.recorder.publish(&event, regarding).await {
-        tracing::warn!(error = %e, "recording an event");
+    // Best effort, and bounded: a reconcile must not wait on an Event.
+    match tokio::time::timeout(EVENT_TIMEOUT, ctx.recorder.publish(&event, regarding)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "recording an event"),
+        Err(_) => tracing::warn!(timeout = ?EVENT_TIMEOUT, "recording an event timed out"),
     }
 }
 
@@ -450,14 +463,6 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
             publish(ctx, order, EventType::OrderAccepted, None, false).await?;
             ctx.memory.sent(&uid, EventType::OrderAccepted);
             ctx.memory.published(&uid, EventType::OrderAccepted);
-            record(
-                ctx,
-                order,
-                K8sEventType::Normal,
-                "Accepted",
-                format!("Accepted at {total}; order.accepted published"),
-            )
-            .await;
             tracing::info!(order = %name, %namespace, %total, "accepted");
             Ok(Action::requeue(ctx.config.stage_deadline))
         }
@@ -591,12 +596,11 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
         );
     }
 
-    if phase != current {
-        let (kind, note) = match phase {
-            OrderPhase::Cancelled => (K8sEventType::Warning, cancel_note(&owned)),
-            _ => (K8sEventType::Normal, format!("{current} → {phase}")),
-        };
-        notes.push((kind, phase.as_str(), note));
+    // Events only for what a person may act on: the happy path's steps are
+    // in the conditions and stage sections already, each with its time, and
+    // an Event per step would be most of an order's API writes.
+    if phase != current && phase == OrderPhase::Cancelled {
+        notes.push((K8sEventType::Warning, phase.as_str(), cancel_note(&owned)));
     }
 
     // The order as it will be: is its compensation overdue for good?
@@ -629,11 +633,9 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
         ctx.memory.queue(&uid, *kind);
     }
     if owned != Owned::of(status) {
-        let written = if to_publish.contains(&EventType::OrderCancelled) {
-            write_status_if_unchanged(ctx, order, &owned).await
-        } else {
-            write_status(ctx, order, &owned).await
-        };
+        // Conditional: the stage writers record the phase too, and a phase
+        // computed from a cached copy they have overtaken must not land.
+        let written = write_status_if_unchanged(ctx, order, &owned).await;
         if let Err(Error::Conflict(_)) = &written {
             // A conflict wrote nothing: the decision is void, and so are its
             // events (a lost cancellation must not announce order.cancelled).
@@ -903,7 +905,7 @@ async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
             order.metadata.generation,
             &Time(now),
         );
-        write_status(ctx, order, &owned).await?;
+        write_status_if_unchanged(ctx, order, &owned).await?;
         ctx.metrics.compensation_failed.inc();
         record(
             ctx,

@@ -66,28 +66,24 @@ async fn accepted_order_is_priced_reserved_and_announced() {
     assert_eq!(pizza_available(&r), Some(3));
     assert_eq!(r.status.as_ref().unwrap().menu_items, Some(2));
 
-    // The story is in Kubernetes Events.
-    let events: Api<Event> = Api::namespaced(bed.client.clone(), &bed.ns.name);
-    let lp = ListParams::default();
-    let (found, _) = eventually(
-        T,
-        || events.list(&lp),
-        |l| {
-            l.as_ref().is_ok_and(|l| {
-                l.items.iter().any(|e| {
-                    e.reason.as_deref() == Some("Accepted")
-                        && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("o1")
-                })
-            })
-        },
-    )
-    .await;
-    assert!(found, "an Accepted event on the order");
-
     // A no-op reconcile writes nothing: the resourceVersion stays put.
     let rv = o.resource_version();
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(bed.orders().get("o1").await.unwrap().resource_version(), rv);
+
+    // Its story is in the conditions; Events are for what a person may act
+    // on (rejections, cancellations, stalls), and acceptance is not one.
+    let events: Api<Event> = Api::namespaced(bed.client.clone(), &bed.ns.name);
+    let on_o1: Vec<_> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("o1"))
+        .map(|e| e.reason)
+        .collect();
+    assert!(on_o1.is_empty(), "Events on an accepted order: {on_o1:?}");
 }
 
 #[tokio::test]
@@ -169,6 +165,28 @@ async fn rejections_say_why() {
             .unwrap_or_else(|| panic!("no order.rejected for the {reason} order"));
         assert!(why.starts_with(reason), "{reason}: {why:?}");
     }
+    // A rejection is something a person acts on: a Warning Event says why.
+    let events: Api<Event> = Api::namespaced(bed.client.clone(), &bed.ns.name);
+    let lp = ListParams::default();
+    let (found, _) = eventually(
+        T,
+        || events.list(&lp),
+        |l| {
+            l.as_ref().is_ok_and(|l| {
+                l.items.iter().any(|e| {
+                    e.reason.as_deref() == Some("Rejected")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.note
+                            .as_deref()
+                            .is_some_and(|n| n.starts_with("OutOfStock"))
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("out-of-stock")
+                })
+            })
+        },
+    )
+    .await;
+    assert!(found, "a Warning Rejected Event on the out-of-stock order");
     // Nothing was held for the rejected orders.
     let r = bed.restaurant("open").await;
     assert_eq!(pizza_available(&r), Some(1));

@@ -167,6 +167,21 @@ pub fn advance(current: OrderPhase, observed: OrderPhase) -> Advance {
     }
 }
 
+/// The phase to record for a status whose facts just changed: where the
+/// facts point when the lifecycle may go there, else the recorded phase.
+/// Every writer of a stage's fact records it in the same write (so no second
+/// write is needed to move the phase), and since each such write carries the
+/// resourceVersion it was computed from, the phase always summarises the
+/// facts stored beside it.
+pub fn next_phase(status: &OrderStatus) -> OrderPhase {
+    let observed = phase_of(&Facts::of(Some(status)));
+    let current = status.phase.unwrap_or(observed);
+    match advance(current, observed) {
+        Advance::Move(next) => next,
+        Advance::Stay | Advance::Illegal { .. } => current,
+    }
+}
+
 /// The condition of a type.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
@@ -376,6 +391,32 @@ mod tests {
         assert_eq!(c.len(), 1);
     }
 
+    /// A status whose facts are `f`, with `phase` recorded.
+    fn status_of(f: &Facts, phase: Option<OrderPhase>) -> OrderStatus {
+        let flag = |t: &str, v: bool| {
+            serde_json::json!({"type": t, "status": if v { "True" } else { "False" },
+                "reason": "R", "message": "", "lastTransitionTime": "2026-12-01T00:00:00Z"})
+        };
+        let mut conditions = Vec::new();
+        if let Some(a) = f.accepted {
+            conditions.push(flag(condition::ACCEPTED, a));
+        }
+        if f.cancelled {
+            conditions.push(flag(condition::CANCELLED, true));
+        }
+        let mut s = serde_json::json!({"phase": phase, "conditions": conditions});
+        if let Some(state) = f.payment {
+            s["payment"] = serde_json::json!({"state": state, "provider": "simulated"});
+        }
+        if let Some(state) = f.kitchen {
+            s["kitchen"] = serde_json::json!({"state": state});
+        }
+        if let Some(state) = f.delivery {
+            s["delivery"] = serde_json::json!({"state": state});
+        }
+        serde_json::from_value(s).unwrap()
+    }
+
     fn facts() -> impl Strategy<Value = Facts> {
         (
             prop::option::of(any::<bool>()),
@@ -431,6 +472,24 @@ mod tests {
                 if before.is_terminal() {
                     prop_assert_eq!(current, before);
                 }
+            }
+        }
+
+        /// Recording the phase with each fact, in any order of facts, ends
+        /// where the operator's own walk over the same facts ends: the stage
+        /// writers and the operator agree on the phase.
+        #[test]
+        fn next_phase_agrees_with_the_operators_walk(observations in prop::collection::vec(facts(), 1..40)) {
+            let mut status = status_of(&Facts::default(), Some(OrderPhase::Pending));
+            let mut walked = OrderPhase::Pending;
+            for f in observations {
+                status = status_of(&f, status.phase);
+                let recorded = next_phase(&status);
+                if let Advance::Move(to) = advance(walked, phase_of(&f)) {
+                    walked = to;
+                }
+                prop_assert_eq!(recorded, walked);
+                status.phase = Some(recorded);
             }
         }
 
