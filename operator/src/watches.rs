@@ -86,6 +86,7 @@ where
     let (reader, writer) = reflector::store();
     let stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(|o| dishpatch_api::slim(o.meta_mut()))
         .reflect(writer)
         .inspect(move |event| {
             let (flag, name) = match watched {

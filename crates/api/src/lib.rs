@@ -31,6 +31,64 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
     vec![Order::crd(), Restaurant::crd(), Courier::crd()]
 }
 
+/// Drops what a watch cache never reads and every object carries: managed
+/// fields (one entry per writer, the largest part of an Order once six
+/// components have written it) and kubectl's last-applied copy of the
+/// object. Applied to objects as they enter a reflector store, so memory
+/// follows what the components use.
+pub fn slim(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        if a.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod slim_tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+
+    #[test]
+    fn slim_keeps_the_annotations_the_components_read() {
+        let mut meta = ObjectMeta {
+            managed_fields: Some(vec![ManagedFieldsEntry::default()]),
+            annotations: Some(
+                [
+                    ("kubectl.kubernetes.io/last-applied-configuration", "{}"),
+                    ("dishpatch.dev/compensation-resolved", "refunded by hand"),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ),
+            ..Default::default()
+        };
+        slim(&mut meta);
+        assert!(meta.managed_fields.is_none());
+        let left: Vec<_> = meta.annotations.unwrap().into_keys().collect();
+        assert_eq!(
+            left,
+            vec!["dishpatch.dev/compensation-resolved".to_string()]
+        );
+
+        let mut only_kubectl = ObjectMeta {
+            annotations: Some(
+                [(
+                    "kubectl.kubernetes.io/last-applied-configuration".to_string(),
+                    "{}".to_string(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        slim(&mut only_kubectl);
+        assert!(only_kubectl.annotations.is_none());
+    }
+}
+
 /// A CRD rendered as the file that lives under `crds/`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CrdFile {

@@ -410,6 +410,7 @@ fn spawn_orders(
     let cached = reader.clone();
     let stream = watcher(api, watcher::Config::default())
         .backoff(retry())
+        .modify(|o| dishpatch_api::slim(kube::Resource::meta_mut(o)))
         .filter_map(move |event| std::future::ready(event.map(|e| parsed(e, &cached)).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
@@ -458,6 +459,7 @@ where
     let cached = reader.clone();
     let stream = watcher(api, watcher::Config::default())
         .backoff(retry())
+        .modify(|o| dishpatch_api::slim(kube::Resource::meta_mut(o)))
         .filter_map(move |event| std::future::ready(event.map(|e| parsed(e, &cached)).transpose()))
         .reflect(writer);
     tokio::spawn(async move {
