@@ -68,8 +68,9 @@ static() {
   # one number and unit: what the façade's --jwt-key-grace parses
   refuse "at '/facade/jwt/keyGrace': '1h30m' does not match pattern" --set facade.jwt.keyGrace=1h30m
   refuse "at '/notification/claimTimeout': 'soon' does not match pattern" --set notification.claimTimeout=soon
+  refuse "at '/notification/emailEvents/0': value must be one of" --set-json 'notification.emailEvents=["kitchen.done"]'
   refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
-  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 51 kitchens, bad enums and durations"
+  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 51 kitchens, unknown e-mail events, bad enums and durations"
 
   # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
   local rendered; rendered=$(mktemp)

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use dishpatch_api::events::EventType;
 use hyper::Uri;
 use lettre::message::Mailbox;
 
@@ -29,6 +30,38 @@ fn parse_identity(s: &str) -> Result<String, String> {
         ));
     }
     Ok(s.to_string())
+}
+
+/// What `--email-events` is unless set.
+pub const DEFAULT_EMAIL_EVENTS: &str = "order.accepted,order.rejected,order.cancelled,payment.failed,payment.refunded,delivery.picked_up,delivery.delivered";
+
+/// A set of event types.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSet(pub Vec<EventType>);
+
+impl EventSet {
+    pub fn contains(&self, kind: EventType) -> bool {
+        self.0.contains(&kind)
+    }
+}
+
+/// `all`, or routing keys separated by commas; an unknown key is an error
+/// that names the known ones.
+fn parse_events(s: &str) -> Result<EventSet, String> {
+    if s.trim() == "all" {
+        return Ok(EventSet(EventType::ALL.to_vec()));
+    }
+    let mut kinds = Vec::new();
+    for key in s.split(',').map(str::trim).filter(|k| !k.is_empty()) {
+        let kind: EventType = key.parse().map_err(|_| {
+            let known: Vec<_> = EventType::ALL.iter().map(|t| t.routing_key()).collect();
+            format!("unknown event {key:?}: one of {}, or all", known.join(", "))
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    Ok(EventSet(kinds))
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -68,6 +101,20 @@ pub struct RunConfig {
         default_value = "dishpatch <orders@dishpatch.dev>"
     )]
     pub mail_from: Mailbox,
+
+    /// The events the customer is e-mailed about, as comma-separated routing
+    /// keys (`order.accepted,delivery.delivered`), or `all`. Each e-mail
+    /// costs two writes to the Order (a claim, then the record that it went
+    /// out), so the default is what a customer acts on or waits for: the
+    /// order taken, refused or called off, a failed or refunded payment, on
+    /// its way, delivered. Webhooks get every event.
+    #[arg(
+        long,
+        env = "DISHPATCH_EMAIL_EVENTS",
+        default_value = DEFAULT_EMAIL_EVENTS,
+        value_parser = parse_events
+    )]
+    pub email_events: EventSet,
 
     /// Where to POST every event for integrators (http:// or https://). No webhooks without it.
     #[arg(long, env = "DISHPATCH_WEBHOOK_URL")]
@@ -140,6 +187,28 @@ impl RunConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn email_events_parse_routing_keys_or_all() {
+        let d = parse_events(DEFAULT_EMAIL_EVENTS).unwrap();
+        assert_eq!(d.0.len(), 7);
+        assert!(d.contains(EventType::DeliveryDelivered));
+        assert!(!d.contains(EventType::KitchenReady));
+        assert_eq!(parse_events("all").unwrap().0.len(), EventType::ALL.len());
+        assert_eq!(
+            parse_events("order.accepted, order.accepted,").unwrap(),
+            EventSet(vec![EventType::OrderAccepted])
+        );
+        let err = parse_events("order.acepted").unwrap_err();
+        assert!(
+            err.contains("unknown event \"order.acepted\": one of order.accepted"),
+            "{err}"
+        );
+        assert!(
+            parse_events("").unwrap().0.is_empty(),
+            "none: webhooks only"
+        );
+    }
     use super::*;
     use clap::Parser;
 

@@ -7,6 +7,9 @@ use lettre::message::header::ContentType;
 use lettre::transport::smtp::AsyncSmtpTransport;
 use lettre::{AsyncTransport, Message, Tokio1Executor};
 
+use dishpatch_api::events::EventType;
+
+use crate::config::EventSet;
 use crate::templates::Rendered;
 
 /// Why an e-mail was not sent.
@@ -56,15 +59,26 @@ pub fn message_id(event_id: &str) -> String {
 pub struct Mailer {
     transport: AsyncSmtpTransport<Tokio1Executor>,
     from: Mailbox,
+    /// The events the customer is e-mailed about.
+    events: EventSet,
 }
 
 impl Mailer {
-    pub fn new(host: &str, port: u16, timeout: Duration, from: Mailbox) -> Self {
+    pub fn new(host: &str, port: u16, timeout: Duration, from: Mailbox, events: EventSet) -> Self {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host)
             .port(port)
             .timeout(Some(timeout))
             .build();
-        Self { transport, from }
+        Self {
+            transport,
+            from,
+            events,
+        }
+    }
+
+    /// Whether the customer is e-mailed about `kind`.
+    pub fn mails(&self, kind: EventType) -> bool {
+        self.events.contains(kind)
     }
 
     /// Sends `mail` to `to`, returning once the server has accepted it.

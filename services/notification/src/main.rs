@@ -93,6 +93,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         config.smtp_port,
         config.smtp_timeout,
         config.mail_from.clone(),
+        config.email_events.clone(),
     );
     let client = Client::try_default()
         .await

@@ -241,7 +241,12 @@ impl Notifier {
     /// so the event goes back to the queue for another replica or the next
     /// start: waiting out the claim would hold up the pod's exit by up to
     /// the claim timeout.
-    async fn claim(&self, event: &CloudEvent, holder: &str) -> Result<Claim, HandleError> {
+    async fn claim(
+        &self,
+        event: &CloudEvent,
+        kind: EventType,
+        holder: &str,
+    ) -> Result<Claim, HandleError> {
         let started = Instant::now();
         let mut pause = FIRST_PAUSE;
         let mut lost = 0;
@@ -254,6 +259,10 @@ impl Notifier {
             let (mut send, mut skip, mut record_only) = (Vec::new(), Vec::new(), Vec::new());
             let mut busy_until = None;
             for channel in [Channel::Email, Channel::Webhook] {
+                if channel == Channel::Email && !self.mailer.mails(kind) {
+                    skip.push((channel, "not an event the customer is e-mailed about"));
+                    continue;
+                }
                 if channel == Channel::Email && order.spec.customer.contact.email.is_none() {
                     skip.push((channel, "the customer has no e-mail address"));
                     continue;
@@ -548,8 +557,18 @@ impl Handler for Notifier {
         let kind = event
             .event_type()
             .map_err(|e| HandleError::Permanent(e.to_string()))?;
+        if !self.mailer.mails(kind) && self.webhook.is_none() {
+            // Nobody is told: no need to read the order or record anything.
+            let email = Ok(Outcome::Skipped(
+                "not an event the customer is e-mailed about",
+            ));
+            let webhook = Ok(Outcome::Skipped("no webhook configured"));
+            self.record(&event, &traceparent, Channel::Email, &email);
+            self.record(&event, &traceparent, Channel::Webhook, &webhook);
+            return combine([email, webhook]);
+        }
         let attempt = self.begin();
-        let (order, send) = match self.claim(&event, &attempt.holder).await? {
+        let (order, send) = match self.claim(&event, kind, &attempt.holder).await? {
             Claim::Gone => {
                 // Nothing to read an address from, nowhere to record: the
                 // webhook still goes, de-duplicated in this process.
