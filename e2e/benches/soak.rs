@@ -19,7 +19,6 @@ mod procs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,13 +58,6 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn cache_dir() -> PathBuf {
-    match std::env::var_os("DISHPATCH_CACHE") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/dishpatch"),
-    }
-}
-
 #[tokio::main]
 async fn main() {
     let rate = env_f64("SOAK_RATE", 1.0);
@@ -87,7 +79,7 @@ async fn main() {
     let log = work.join("components.log");
 
     // A real SMTP server that accepts and discards every e-mail.
-    let python = cache_dir().join("venv/bin/python");
+    let python = dishpatch_testkit::cache_dir().join("venv/bin/python");
     assert!(
         python.exists(),
         "{} missing: run hack/deps.sh (it installs aiosmtpd)",

@@ -14,6 +14,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use dishpatch_api::{Order, OrderPhase};
+use dishpatch_testkit::apiserver::{self, Write};
 use dishpatch_testkit::{
     TestNamespace, amqp_vhost, client, ensure_crds, fixtures, kubeconfig_path,
 };
@@ -24,52 +25,26 @@ use kube::api::{Api, ListParams, PostParams};
 const ORDERS: usize = 300;
 const IN_FLIGHT: usize = 32;
 
-/// Writes per (resource[/subresource], verb) as the apiserver counts them.
-async fn apiserver_writes(client: &Client) -> BTreeMap<String, f64> {
-    let req = http::Request::get("/metrics").body(Vec::new()).unwrap();
-    let text = client.request_text(req).await.expect("apiserver /metrics");
-    let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with("apiserver_request_total{"))
-    {
-        let (labels, value) = line.rsplit_once(' ').unwrap();
-        let label = |k: &str| {
-            labels
-                .split(&format!("{k}=\""))
-                .nth(1)
-                .and_then(|r| r.split('"').next())
-                .unwrap_or("")
-                .to_string()
-        };
-        let verb = label("verb");
-        let resource = label("resource");
-        // The operator's writes: updates of orders and restaurants, and
-        // Events. Creations and deletions of orders and restaurants are the
-        // benchmark's (or namespace cleanup's), not the operator's.
-        let operator_write = match resource.as_str() {
-            "orders" | "restaurants" => matches!(verb.as_str(), "PUT" | "PATCH" | "APPLY"),
-            "events" => matches!(verb.as_str(), "POST" | "PATCH"),
+/// The operator's writes as the apiserver counts them: updates of orders
+/// and restaurants (creations and deletions are the benchmark's, or
+/// namespace cleanup's) and Events.
+async fn operator_writes(client: &Client) -> BTreeMap<Write, f64> {
+    let mut all = apiserver::writes(client).await.expect("apiserver /metrics");
+    all.retain(|w, _| {
+        let base = w.resource.split('/').next().unwrap_or("");
+        match base {
+            "orders" | "restaurants" => matches!(w.verb.as_str(), "PUT" | "PATCH" | "APPLY"),
+            "events" => matches!(w.verb.as_str(), "POST" | "PATCH"),
             _ => false,
-        };
-        if !operator_write {
-            continue;
         }
-        let sub = label("subresource");
-        let key = if sub.is_empty() {
-            format!("{resource} {verb}")
-        } else {
-            format!("{resource}/{sub} {verb}")
-        };
-        *out.entry(key).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
-    }
-    out
+    });
+    all
 }
 
 struct Figures {
     seconds: f64,
     accepted: usize,
-    writes: BTreeMap<String, f64>,
+    writes: BTreeMap<Write, f64>,
 }
 
 async fn scenario(client: &Client, name: &str, stock: Option<i64>) -> Figures {
@@ -106,7 +81,7 @@ async fn scenario(client: &Client, name: &str, stock: Option<i64>) -> Figures {
     // Let the operator take the lease and sync before the clock starts.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let before = apiserver_writes(client).await;
+    let before = operator_writes(client).await;
     let started = Instant::now();
     futures::stream::iter(0..ORDERS)
         .map(|i| {
@@ -139,15 +114,9 @@ async fn scenario(client: &Client, name: &str, stock: Option<i64>) -> Figures {
     let seconds = started.elapsed().as_secs_f64();
     // Trailing writes (events series, the last status applies) land now.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = apiserver_writes(client).await;
+    let after = operator_writes(client).await;
     let _ = operator.start_kill();
-    let mut writes = BTreeMap::new();
-    for (k, v) in after {
-        let d = v - before.get(&k).copied().unwrap_or(0.0);
-        if d > 0.0 {
-            writes.insert(k, d);
-        }
-    }
+    let writes = apiserver::delta(&before, &after);
     Figures {
         seconds,
         accepted,

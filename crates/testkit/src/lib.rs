@@ -17,6 +17,7 @@ use kube::runtime::wait::{await_condition, conditions};
 use kube::{Client, Config};
 use tokio::io::AsyncWriteExt;
 
+pub mod apiserver;
 pub mod facade;
 pub mod net;
 
@@ -295,6 +296,18 @@ pub mod fixtures {
 /// A binary of this workspace, built next to the running test (so tests in
 /// one crate can run another crate's binaries; `cargo test --workspace`
 /// builds them all).
+/// Where hack/deps.sh keeps tools and the Python venv (`DISHPATCH_CACHE`,
+/// default `~/.cache/dishpatch`).
+pub fn cache_dir() -> PathBuf {
+    match std::env::var_os("DISHPATCH_CACHE") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+            .join(".cache/dishpatch"),
+    }
+}
+
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/debug/deps/<test> → target/debug/<name>
