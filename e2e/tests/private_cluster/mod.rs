@@ -418,8 +418,9 @@ const LIFECYCLE: [&str; 7] = [
     "Delivered",
 ];
 
-/// Order name → (resourceVersion, phase) of every version a watch saw.
-pub type History = Arc<std::sync::Mutex<BTreeMap<String, Vec<(u64, String)>>>>;
+/// Order name → (resourceVersion, phase, when the watch saw it) of every
+/// version a watch saw.
+pub type History = Arc<std::sync::Mutex<BTreeMap<String, Vec<(u64, String, Instant)>>>>;
 
 /// Records every version of every Order the apiserver sends; the watch
 /// resumes (or relists) after a fault like any client's. A restarted
@@ -451,11 +452,11 @@ fn record_history(api: Api<Order>) -> (History, tokio::task::JoinHandle<()>) {
                     .as_deref()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0);
-                h.lock()
-                    .unwrap()
-                    .entry(o.name_any())
-                    .or_default()
-                    .push((rv, phase(&o).to_string()));
+                h.lock().unwrap().entry(o.name_any()).or_default().push((
+                    rv,
+                    phase(&o).to_string(),
+                    Instant::now(),
+                ));
             }
         }
     });
@@ -966,13 +967,52 @@ impl SseReader {
     }
 }
 
+/// One `order` event a follower received.
+#[derive(Clone, Debug)]
+struct Seen {
+    id: String,
+    phase: String,
+    /// The phases whose stage record the event's view carries.
+    shows: Vec<&'static str>,
+}
+
+/// The phases an order view proves it passed: each stage's record stays on
+/// the order (payment succeeded, the kitchen's state, the courier's
+/// pick-up), so a client that gets a later state still sees each step.
+fn stages_shown(view: &serde_json::Value) -> Vec<&'static str> {
+    let kitchen = view["kitchen"]["state"].as_str();
+    let mut shown = Vec::new();
+    if view.get("total").is_some() {
+        shown.push("Accepted");
+    }
+    if matches!(
+        view["payment"]["state"].as_str(),
+        Some("Succeeded" | "Refunded")
+    ) {
+        shown.push("Paid");
+    }
+    if matches!(kitchen, Some("Preparing" | "Ready")) {
+        shown.push("Preparing");
+    }
+    if kitchen == Some("Ready") {
+        shown.push("Ready");
+    }
+    if view["delivery"].get("pickedUpAt").is_some() {
+        shown.push("OutForDelivery");
+    }
+    if view["delivery"].get("deliveredAt").is_some() {
+        shown.push("Delivered");
+    }
+    shown
+}
+
 /// A customer following one order live, as the web page does: it reads
 /// the façade's server-sent events and, when its connection goes, connects
 /// again with `Last-Event-ID`.
 pub struct Follower {
     pub order: String,
-    /// Every `order` event received: (id, phase).
-    seen: Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    /// Every `order` event received.
+    seen: Arc<std::sync::Mutex<Vec<Seen>>>,
     /// Connections made with `Last-Event-ID`, and answers other than 200.
     reconnects: Arc<AtomicU32>,
     refused: Arc<std::sync::Mutex<Vec<String>>>,
@@ -985,7 +1025,7 @@ impl Follower {
     pub async fn start(bed: &Bed, i: usize) -> Self {
         let order = format!("o{i}");
         let token = bed.facade.token(&customer(i)).await;
-        let seen = Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<Seen>::new()));
         let reconnects = Arc::new(AtomicU32::new(0));
         let refused = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (cut, mut cuts) = tokio::sync::watch::channel(0_u32);
@@ -1039,7 +1079,11 @@ impl Follower {
                                 Some(ev) if ev.event == "order" => {
                                     let data: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
                                     let phase = data["phase"].as_str().unwrap_or_default().to_string();
-                                    seen.lock().unwrap().push((ev.id.clone(), phase.clone()));
+                                    seen.lock().unwrap().push(Seen {
+                                        id: ev.id.clone(),
+                                        phase: phase.clone(),
+                                        shows: stages_shown(&data),
+                                    });
                                     last_id = Some(ev.id);
                                     if phase == "Delivered" || phase == "Cancelled" || phase == "Rejected" {
                                         return;
@@ -1078,7 +1122,17 @@ impl Follower {
     /// order had (as the test's own watch saw them) from its first one to
     /// Delivered, in order, none skipped, none twice across a reconnect,
     /// and nothing that moved backwards.
-    pub async fn assert_saw_every_transition(self, truth: &History) {
+    ///
+    /// `relisted` is when the façade's watch had to list again (after an
+    /// apiserver restart Kubernetes replays nothing from before it: a watch
+    /// resumed from an older resourceVersion gets 410 Gone). A phase the
+    /// order had only then may be folded into the next event, and that
+    /// event must show the phase's stage record; outside it none may be.
+    pub async fn assert_saw_every_transition(
+        self,
+        truth: &History,
+        relisted: Option<(Instant, Instant)>,
+    ) {
         let reconnects = self.reconnects();
         let finished = tokio::time::timeout(Duration::from_secs(30), self.task).await;
         let seen = self.seen.lock().unwrap().clone();
@@ -1087,42 +1141,62 @@ impl Follower {
             "{}: the stream never reached a terminal phase; saw {seen:?}",
             self.order
         );
-        let ids: Vec<u64> = seen.iter().map(|(id, _)| id.parse().unwrap()).collect();
+        let ids: Vec<u64> = seen.iter().map(|e| e.id.parse().unwrap()).collect();
         assert!(
             ids.windows(2).all(|w| w[0] < w[1]),
             "{}: event ids not increasing (a state sent twice, or one from the past): {seen:?}",
             self.order
         );
-        let mut phases: Vec<&str> = seen.iter().map(|(_, p)| p.as_str()).collect();
+        let mut phases: Vec<&str> = seen.iter().map(|e| e.phase.as_str()).collect();
         phases.dedup();
-        // The phases the order really had: the operator may skip one (Paid,
-        // when the kitchen took the ticket before it looked).
+        // The phases the order really had, each with whether the test's
+        // watch saw all of it inside the relist window. The operator may
+        // skip one (Paid, when the kitchen took the ticket before it looked).
         let mut versions = truth
             .lock()
             .unwrap()
             .get(&self.order)
             .cloned()
             .unwrap_or_default();
-        versions.sort();
-        let mut had: Vec<String> = versions.into_iter().map(|(_, p)| p).collect();
-        had.dedup();
-        let from = had.iter().position(|p| Some(&p.as_str()) == phases.first());
-        let expected: Vec<&str> = from.map_or(Vec::new(), |f| {
-            had[f..].iter().map(String::as_str).collect()
-        });
+        versions.sort_by_key(|v| v.0);
+        let mut had: Vec<(String, bool)> = Vec::new();
+        for (_, p, at) in versions {
+            let inside = relisted.is_some_and(|(from, to)| from <= at && at <= to);
+            match had.last_mut() {
+                Some((q, all_inside)) if *q == p => *all_inside &= inside,
+                _ => had.push((p, inside)),
+            }
+        }
+        let from = had
+            .iter()
+            .position(|(p, _)| Some(&p.as_str()) == phases.first());
+        let expected = from.map_or(&had[..0], |f| &had[f..]);
         // Every phase the test's watch saw, the follower saw too, in order.
-        // The follower may have seen more: after an apiserver restart both
-        // watches relist, and the test's may fold a phase the façade's
-        // caught. What it saw must still only move forwards.
-        let mut rest = phases.iter();
-        let covers = expected.iter().all(|p| rest.any(|q| q == p));
+        // The follower may have seen more: the test's watch relists as well
+        // and may fold a phase the façade's caught.
+        let mut next = 0;
+        let mut missed = Vec::new();
+        for (p, inside) in expected {
+            if let Some(at) = seen[next..].iter().position(|e| e.phase == *p) {
+                next += at + 1;
+            } else if !(*inside
+                && seen
+                    .get(next)
+                    .is_some_and(|e| e.shows.contains(&p.as_str())))
+            {
+                missed.push(p.clone());
+            }
+        }
         let rank = |p: &str| LIFECYCLE.iter().position(|l| *l == p);
         let forwards = phases
             .windows(2)
             .all(|w| matches!((rank(w[0]), rank(w[1])), (Some(a), Some(b)) if a < b));
         assert!(
-            !phases.is_empty() && covers && forwards && phases.last() == Some(&"Delivered"),
-            "{}: missed a transition (or saw one out of order): saw {phases:?}, the order had {had:?}; events {seen:?}",
+            !phases.is_empty()
+                && missed.is_empty()
+                && forwards
+                && phases.last() == Some(&"Delivered"),
+            "{}: missed {missed:?} (or saw a transition out of order): saw {phases:?}, the order had {had:?} (phase, only while the façade relisted); events {seen:?}",
             self.order
         );
         assert!(
