@@ -1,6 +1,7 @@
 //! Process plumbing every dishpatch binary shares: structured logs, the
 //! `/healthz`, `/readyz` and `/metrics` endpoints, and shutdown on SIGTERM.
 
+pub mod exposition;
 pub mod time;
 
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus_client::registry::Registry;
@@ -65,7 +66,9 @@ struct AppState {
     before_scrape: Option<BeforeScrape>,
 }
 
-/// The admin endpoints: `/healthz`, `/readyz`, `/metrics` (OpenMetrics text).
+/// The admin endpoints: `/healthz`, `/readyz`, `/metrics` (OpenMetrics
+/// text when the scraper asks for it, as Prometheus does; else the 0.0.4
+/// text format, which `promtool check metrics` reads).
 pub fn admin_router(
     health: Health,
     registry: Arc<Registry>,
@@ -93,19 +96,23 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> impl IntoResponse {
     if let Some(refresh) = &state.before_scrape {
         refresh();
     }
     let mut body = String::new();
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) if exposition::wants_openmetrics(accept) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, exposition::OPENMETRICS)],
+            body,
+        )
+            .into_response(),
         Ok(()) => (
             StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
+            [(header::CONTENT_TYPE, exposition::TEXT)],
+            exposition::to_text_format(&body),
         )
             .into_response(),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
