@@ -21,6 +21,17 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`kind`](Self::kind): the metrics start each at zero, so an
+    /// error rate exists (as 0) before the first error.
+    pub const KINDS: [&'static str; 6] = [
+        "kube",
+        "publish",
+        "json",
+        "finalizer",
+        "conflict",
+        "waiting",
+    ];
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -35,3 +46,22 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_kinds_of_constructible_errors_are_listed() {
+        let json = serde_json::from_str::<u8>("x").unwrap_err();
+        let errors = [
+            Error::Json(json),
+            Error::Conflict("lost a race".into()),
+            Error::Waiting("refund".into(), std::time::Duration::from_secs(1)),
+            Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
+        ];
+        for e in &errors {
+            assert!(Error::KINDS.contains(&e.kind()), "{} not listed", e.kind());
+        }
+    }
+}

@@ -211,8 +211,11 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     let before_scrape = {
         let orders = orders.clone();
         let metrics = metrics.clone();
+        let stage_deadline = config.stage_deadline;
         Arc::new(move || {
+            let now = jiff::Timestamp::now();
             let mut counts = std::collections::BTreeMap::new();
+            let mut overdue = std::collections::BTreeMap::new();
             for o in orders.state() {
                 if let Ok(order) = &o.0 {
                     let phase = order
@@ -221,15 +224,25 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
                         .and_then(|s| s.phase)
                         .unwrap_or(OrderPhase::Pending);
                     *counts.entry(phase).or_insert(0_i64) += 1;
+                    // The same arithmetic the reconciler re-publishes by,
+                    // so the gauge and the Events agree.
+                    if let Some(status) = &order.status
+                        && let Some(aw) = deadline::awaiting(phase, status)
+                        && deadline::deadlines_passed(aw.since, now, stage_deadline) > 0
+                    {
+                        *overdue.entry(phase).or_insert(0_i64) += 1;
+                    }
                 }
             }
             for phase in OrderPhase::ALL {
-                metrics
-                    .orders
-                    .get_or_create(&PhaseLabels {
-                        phase: phase.to_string(),
-                    })
-                    .set(counts.get(&phase).copied().unwrap_or(0));
+                let labels = PhaseLabels {
+                    phase: phase.to_string(),
+                };
+                let count = |m: &std::collections::BTreeMap<OrderPhase, i64>| {
+                    m.get(&phase).copied().unwrap_or(0)
+                };
+                metrics.orders.get_or_create(&labels).set(count(&counts));
+                metrics.overdue.get_or_create(&labels).set(count(&overdue));
             }
         }) as dishpatch_runtime::BeforeScrape
     };

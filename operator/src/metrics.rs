@@ -38,6 +38,7 @@ pub struct Metrics {
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Family<ControllerLabels, Histogram>,
     pub orders: Family<PhaseLabels, Gauge>,
+    pub overdue: Family<PhaseLabels, Gauge>,
     pub published: Family<KindLabel, Counter>,
     pub republished: Family<KindLabel, Counter>,
     pub writes: Family<WriteLabels, Counter>,
@@ -54,6 +55,7 @@ impl Metrics {
                 Histogram::new(exponential_buckets(0.001, 2.0, 14))
             }),
             orders: Family::default(),
+            overdue: Family::default(),
             published: Family::default(),
             republished: Family::default(),
             writes: Family::default(),
@@ -76,6 +78,11 @@ impl Metrics {
             "orders",
             "Orders by phase (from the watch cache)",
             m.orders.clone(),
+        );
+        r.register(
+            "orders_overdue",
+            "Orders past their stage deadline, by phase: what they wait for is re-published, and they are cancelled if it stays overdue",
+            m.overdue.clone(),
         );
         r.register(
             "events_published",
@@ -102,6 +109,19 @@ impl Metrics {
             "1 while this replica holds the lease",
             m.is_leader.clone(),
         );
+        // Series that exist from the start, at zero: a rate over them (the
+        // dashboard, alerts) is 0 rather than missing until the first error.
+        for controller in ["order", "restaurant"] {
+            let _ = m.reconciles.get_or_create(&ControllerLabels {
+                controller: controller.into(),
+            });
+            for error in crate::error::Error::KINDS {
+                let _ = m.errors.get_or_create(&ErrorLabels {
+                    controller: controller.into(),
+                    error: error.into(),
+                });
+            }
+        }
         m
     }
 

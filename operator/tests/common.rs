@@ -61,7 +61,11 @@ impl Bed {
             .arg("run")
             .args(["--namespace", &self.ns.name])
             .args(["--amqp-url", &self.amqp_url])
-            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(if extra.contains(&"--admin-addr") {
+                &[][..]
+            } else {
+                &["--admin-addr", "127.0.0.1:0"][..]
+            })
             .args(["--identity", identity])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)

@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::{Bed, condition, phase, pizza_available};
 use dishpatch_api::OrderPhase;
 use dishpatch_api::events::EventType;
+use dishpatch_testkit::net::{free_port, http_get};
 use dishpatch_testkit::{eventually, fixtures};
 use k8s_openapi::api::events::v1::Event;
 use kube::ResourceExt;
@@ -302,10 +303,27 @@ async fn stalled_order_is_republished_then_cancelled() {
     let mut tap = bed
         .tap(&[EventType::OrderAccepted, EventType::OrderCancelled])
         .await;
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let admin_arg = admin.to_string();
     let _op = bed.operator(
         "op-1",
-        &["--stage-deadline", "2s", "--max-republishes", "2"],
+        &[
+            "--stage-deadline",
+            "2s",
+            "--max-republishes",
+            "2",
+            "--admin-addr",
+            &admin_arg,
+        ],
     );
+    // What an alert on stuck orders reads (helm/dishpatch/files/alerts.yaml).
+    let overdue = || async move {
+        let (_, body) = http_get(admin, "/metrics").await.unwrap_or_default();
+        body.lines()
+            .find(|l| l.starts_with("dishpatch_operator_orders_overdue{phase=\"Accepted\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    };
     bed.create_restaurant(fixtures::restaurant("roma", true, Some(5)))
         .await;
     let uid = bed
@@ -319,6 +337,7 @@ async fn stalled_order_is_republished_then_cancelled() {
         |d: &dishpatch_messaging::Delivery| d.event.as_ref().is_ok_and(|e| e.data.order.uid == uid);
     let mut accepted = 0;
     let mut cancelled = None;
+    let mut overdue_seen = None;
     while cancelled.is_none() {
         let Some(d) = tap.next_matching(Duration::from_secs(20), mine).await else {
             panic!("no more events after {accepted} order.accepted");
@@ -327,8 +346,17 @@ async fn stalled_order_is_republished_then_cancelled() {
             e if e.type_.ends_with("order.accepted") => accepted += 1,
             e => cancelled = Some(e),
         }
+        if accepted == 2 && overdue_seen.is_none() {
+            // Re-published once: one deadline passed, one still to go.
+            overdue_seen = overdue().await;
+        }
     }
     assert_eq!(accepted, 3, "published once and re-published twice");
+    assert_eq!(
+        overdue_seen.as_deref(),
+        Some("1"),
+        "dishpatch_operator_orders_overdue{{phase=\"Accepted\"}} while the order waited past its deadline"
+    );
     assert!(
         cancelled
             .unwrap()
@@ -347,6 +375,11 @@ async fn stalled_order_is_republished_then_cancelled() {
         "DeadlineExceeded"
     );
     assert_eq!(pizza_available(&bed.restaurant("roma").await), Some(5));
+    assert_eq!(
+        overdue().await.as_deref(),
+        Some("0"),
+        "a cancelled order that owes nothing is not overdue"
+    );
 }
 
 #[tokio::test]
