@@ -17,6 +17,13 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
+# promtool, which checks the chart's alerts and every component's /metrics
+# (e2e/helm/test.sh). Only the package: not its recommended node exporter.
+if ! command -v promtool >/dev/null; then
+  echo "deps: installing prometheus (for promtool)" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
 for tool in go cargo kubectl; do
   command -v "$tool" >/dev/null || { echo "deps: $tool is required and missing" >&2; exit 1; }
 done

@@ -88,7 +88,31 @@ values() { # <tag>
   # --set-string: a tag of digits only (a short commit hash such as 2257074) is still a string
   echo --set-string image.tag="$1" --set rabbitmq.image.repository="${RMQ_IMAGE%:*}" --set-string rabbitmq.image.tag="${RMQ_IMAGE##*:}" \
     --set tests.image="$TEST_IMAGE" --set timeScale=0.01 --set operator.stageDeadline=20s --set kitchen.replicas=2 \
-    --set payment.ledger.persistence.storageClass=dishpatch-local --set rabbitmq.persistence.storageClass=dishpatch-local
+    --set payment.ledger.persistence.storageClass=dishpatch-local --set rabbitmq.persistence.storageClass=dishpatch-local \
+    --set monitoring.podMonitor.enabled=true --set monitoring.prometheusRule.enabled=true --set monitoring.dashboard.enabled=true
+}
+
+scrape_check() { # every pod's /metrics through promtool's lint; every series the alerts and dashboard read is served
+  local dir; dir=$(mktemp -d)
+  local pod c ip port n=0 out
+  while read -r pod c ip port; do
+    [ -n "$port" ] || continue
+    curl -sSf "http://$ip:$port/metrics" -o "$dir/$pod.prom" || die "scraping $pod ($c) at $ip:$port"
+    out=$(promtool check metrics <"$dir/$pod.prom" 2>&1) || die "promtool check metrics, $pod ($c): $out"
+    n=$((n + 1))
+  done < <(kubectl -n $NS get pods -l app.kubernetes.io/instance=$REL -o jsonpath='{range .items[*]}{.metadata.name} {.metadata.labels.app\.kubernetes\.io/component} {.status.podIP} {.spec.containers[0].ports[?(@.name=="admin")].containerPort}{"\n"}{end}')
+  [ "$n" -ge 6 ] || die "scraped only $n component pods"
+  # the broker's per-queue metrics, as the PodMonitor asks for them
+  ip=$(kubectl -n $NS get pod $REL-rabbitmq-0 -o jsonpath='{.status.podIP}')
+  curl -sSf "http://$ip:15692/metrics/detailed?family=queue_coarse_metrics&family=queue_consumer_count" -o "$dir/rabbitmq.prom" ||
+    die "scraping the broker's queue metrics"
+  out=$(promtool check metrics <"$dir/rabbitmq.prom" 2>&1) || die "promtool check metrics, broker: $out"
+  grep -q '^rabbitmq_detailed_queue_messages{.*queue="dishpatch.payment.dead-letter"' "$dir/rabbitmq.prom" || die "no depth of the payment dead-letter queue"
+  local names
+  names=$(python3 e2e/helm/metrics_served.py "$CHART/files/alerts.yaml" "$CHART/files/dashboard.json" "$dir") ||
+    die "a metric the alerts or dashboard read is not served: $names"
+  rm -rf "$dir"
+  ok "promtool check metrics passes on all $n component pods' /metrics and the broker's queue metrics; all $names metrics the alerts and dashboard read are served"
 }
 
 mint() { # <jwt key> <sub>: an HS256 customer token, as the façade's login would mint it
@@ -194,6 +218,9 @@ node_tests() {
     die "order $id not Delivered on its live stream"
   wait_phase $NS "$id" Delivered 30 || die "order $id"
   ok "a customer placed $id through the façade Service ($url) and followed it live to Delivered"
+  scrape_check
+  kubectl -n $NS get configmap -l grafana_dashboard=1 -o name | grep -qx "configmap/$REL-dashboard" || die "no dashboard ConfigMap"
+  [ "$(kubectl -n $NS get podmonitor,prometheusrule -o name | wc -l)" = 3 ] || die "want 2 PodMonitors and a PrometheusRule"
 
   # upgrade to another image tag with 20 orders in flight
   # espresso has no stock limit: all 20 must be accepted, paid and delivered

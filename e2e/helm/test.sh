@@ -70,6 +70,7 @@ static() {
   refuse "at '/notification/claimTimeout': 'soon' does not match pattern" --set notification.claimTimeout=soon
   refuse "at '/notification/emailEvents/0': value must be one of" --set-json 'notification.emailEvents=["kitchen.done"]'
   refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
+  refuse "at '/monitoring/podMonitor/interval': 'often' does not match pattern" --set monitoring.podMonitor.interval=often
   ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 51 kitchens, unknown e-mail events, bad enums and durations"
 
   # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
@@ -91,12 +92,75 @@ assert not rendered, rendered.keys()
 PY
   rm -f "$rendered"
   ok "rendered CRDs equal crds/*.yaml (plus helm.sh/resource-policy: keep)"
+  monitoring_static
+}
+
+# the alerts, their unit tests, the dashboard's queries, and what the chart renders of them
+monitoring_static() {
+  local alerts=$CHART/files/alerts.yaml dashboard=$CHART/files/dashboard.json out
+  out=$(promtool check rules "$alerts" 2>&1) || die "promtool check rules $alerts: $out"
+  out=$(promtool test rules e2e/helm/alerts.test.yaml 2>&1) || die "promtool test rules: $out"
+  # every panel's query is PromQL that parses: as recording rules, through promtool
+  local queries; queries=$(mktemp)
+  python3 - "$dashboard" >"$queries" <<'PY' || die "dashboard.json"
+import json, sys, yaml
+d = json.load(open(sys.argv[1]))
+ids = [p["id"] for p in d["panels"]]
+assert len(ids) == len(set(ids)), "panel ids repeat"
+assert {v["name"] for v in d["templating"]["list"]} == {"datasource", "namespace"}
+rules = []
+for p in d["panels"]:
+    assert p["datasource"]["uid"] == "${datasource}", p["title"]
+    for t in p["targets"]:
+        rules.append({"record": f"dashboard:panel{p['id']}:{t['refId']}",
+                      "expr": t["expr"].replace("$namespace", "x")})
+print(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+PY
+  out=$(promtool check rules "$queries" 2>&1) || die "a dashboard query does not parse: $out"
+  local n_queries; n_queries=$(grep -c 'record:' "$queries")
+  rm -f "$queries"
+  # rendered: the PrometheusRule is alerts.yaml, the ConfigMap holds dashboard.json, one
+  # PodMonitor per component set (and one for the in-chart broker)
+  local on=(--set monitoring.podMonitor.enabled=true --set monitoring.prometheusRule.enabled=true --set monitoring.dashboard.enabled=true
+    --set-json 'monitoring.prometheusRule.labels={"release":"prom"}')
+  rendered=$(mktemp)
+  helm template t "$CHART" "${on[@]}" --show-only templates/monitoring.yaml >"$rendered" || die "monitoring templates"
+  python3 - "$rendered" "$alerts" "$dashboard" <<'PY' || die "rendered monitoring objects"
+import json, sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+kinds = sorted(d["kind"] for d in docs)
+assert kinds == ["ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule"], kinds
+rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+assert rule["spec"] == yaml.safe_load(open(sys.argv[2])), "PrometheusRule spec differs from alerts.yaml"
+assert rule["metadata"]["labels"]["release"] == "prom"
+cm = next(d for d in docs if d["kind"] == "ConfigMap")
+assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+assert json.loads(cm["data"]["dishpatch.json"]) == json.load(open(sys.argv[3])), "dashboard differs"
+broker = next(d for d in docs if d["kind"] == "PodMonitor" and d["metadata"]["name"].endswith("-rabbitmq"))
+assert broker["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+PY
+  [ -z "$(helm template t "$CHART" --show-only templates/monitoring.yaml 2>/dev/null)" ] || die "monitoring objects rendered by default"
+  [ "$(helm template t "$CHART" "${on[@]}" --set rabbitmq.external.enabled=true --set rabbitmq.external.existingSecret=amqp \
+    --show-only templates/monitoring.yaml | grep -c '^kind: PodMonitor')" = 1 ] || die "a broker PodMonitor with an external broker"
+  rm -f "$rendered"
+  ok "monitoring: promtool check rules and test rules ($(grep -c 'alert:' "$alerts") alerts), $n_queries dashboard queries parse, rendered PrometheusRule = alerts.yaml, ConfigMap = dashboard.json; nothing by default"
 }
 
 cluster_up() {
   hack/cluster.sh up >/dev/null
   kubectl get --raw /readyz >/dev/null || die "apiserver not ready"
   kubectl apply --server-side -f crds/ >/dev/null
+}
+
+# prometheus-operator's PodMonitor and PrometheusRule CRDs (no operator runs:
+# the objects are only stored), so the chart's monitoring objects meet a real schema
+monitoring_crds_up() {
+  local crd
+  for crd in $(hack/helm-tools.sh monitoring-crds); do
+    kubectl apply --server-side -f "$crd" >/dev/null || die "applying $crd"
+  done
+  kubectl wait --for condition=Established --timeout=60s \
+    crd/podmonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com >/dev/null || die "monitoring CRDs"
 }
 
 new_ns() { # <name> [restricted]
@@ -148,8 +212,12 @@ server() {
   helm template dishpatch "$CHART" -n dishpatch-helm-dry --set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x \
     --set facade.ingress.enabled=true --set-json 'watchNamespaces=["dishpatch-helm-dry"]' --set crds.install=false "${np[@]}" |
     kubectl apply --dry-run=server -n dishpatch-helm-dry -f - >/dev/null || die "kubectl apply --dry-run=server (variants)"
+  monitoring_crds_up
+  helm template dishpatch "$CHART" -n dishpatch-helm-dry --set crds.install=false "${np[@]}" --set monitoring.podMonitor.enabled=true \
+    --set monitoring.prometheusRule.enabled=true --set monitoring.dashboard.enabled=true --show-only templates/monitoring.yaml |
+    kubectl apply --dry-run=server -n dishpatch-helm-dry -f - >/dev/null || die "kubectl apply --dry-run=server (monitoring)"
   kubectl delete namespace dishpatch-helm-dry --wait=false >/dev/null
-  ok "helm template | kubectl apply --dry-run=server is clean (defaults and variants), under restricted"
+  ok "helm template | kubectl apply --dry-run=server is clean (defaults, variants, and the monitoring objects against prometheus-operator $(grep -m1 '^PROMOP_VERSION=' hack/helm-tools.sh | cut -d= -f2)'s CRDs), under restricted"
 
   # install without pods (RBAC, Secrets, lookup) and check the RBAC table
   local ns=dishpatch-helm-rbac other=dishpatch-helm-other
@@ -183,6 +251,7 @@ node_ready() {
 
 node() {
   node_ready || die "no Ready node: run make node-up && make images && make node-load first"
+  monitoring_crds_up
   . "$ROOT/e2e/helm/node.sh"
   node_tests
 }
