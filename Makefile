@@ -44,12 +44,13 @@ test: deps ## Run every test (unit, property and integration) against the real l
 	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
-bench: deps ## Benchmarks (docs/benchmarks.md): apiserver write ceiling; operator writes/order and accept rate; end-to-end throughput and latency
+bench: deps ## Benchmarks (docs/benchmarks.md): apiserver write ceiling; operator writes/order and accept rate; end-to-end throughput and latency; façade reads
 	@hack/cluster.sh up
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p dishpatch-e2e --bench ceiling
 	$(CARGO) bench -p dishpatch-operator --bench acceptance
 	$(CARGO) bench -p dishpatch-e2e --bench throughput
+	$(CARGO) bench -p dishpatch-e2e --bench reads
 
 # The soak's build profile: dev reuses the binaries `make test` builds; SOAK_PROFILE=release measures release builds.
 SOAK_PROFILE ?= dev

@@ -293,9 +293,6 @@ pub mod fixtures {
     }
 }
 
-/// A binary of this workspace, built next to the running test (so tests in
-/// one crate can run another crate's binaries; `cargo test --workspace`
-/// builds them all).
 /// Where hack/deps.sh keeps tools and the Python venv (`DISHPATCH_CACHE`,
 /// default `~/.cache/dishpatch`).
 pub fn cache_dir() -> PathBuf {
@@ -308,6 +305,9 @@ pub fn cache_dir() -> PathBuf {
     }
 }
 
+/// A binary of this workspace, built next to the running test (so tests in
+/// one crate can run another crate's binaries; `cargo test --workspace`
+/// builds them all).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
     // target/debug/deps/<test> → target/debug/<name>
