@@ -13,6 +13,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::Mutex;
+use tracing::Instrument as _;
 
 use crate::topology::{
     DEAD_LETTER_EXCHANGE, DEAD_LETTER_MAX_LENGTH, DEAD_LETTER_TTL_MS, DELIVERY_LIMIT, EXCHANGE,
@@ -153,10 +154,23 @@ impl Broker {
             .event_type()
             .map_err(|e| PublishError::Unroutable(e.0))?;
         let payload = event.to_json()?;
+        // A span of its own on the order's trace: the consumer's span is its child.
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = %format!("publish {}", kind.routing_key()),
+            otel.kind = "producer",
+            messaging.system = "rabbitmq",
+            messaging.destination.name = EXCHANGE,
+            order.name = %event.data.order.name,
+            order.namespace = %event.data.order.namespace,
+            order.uid = %event.data.order.uid,
+        );
+        crate::trace::adopt(&span, traceparent);
+        let sent = crate::trace::traceparent_of(&span, || traceparent.to_string());
         let mut headers = FieldTable::default();
         headers.insert(
             ShortString::from(TRACEPARENT_HEADER),
-            AMQPValue::LongString(LongString::from(traceparent.to_string())),
+            AMQPValue::LongString(LongString::from(sent)),
         );
         let properties = BasicProperties::default()
             .with_content_type(ShortString::from("application/cloudevents+json"))
@@ -186,7 +200,7 @@ impl Broker {
                 Confirmation::Nack(_) | Confirmation::NotRequested => Err(PublishError::Nacked),
             }
         };
-        let result = match tokio::time::timeout(PUBLISH_TIMEOUT, attempt).await {
+        let result = match tokio::time::timeout(PUBLISH_TIMEOUT, attempt.instrument(span)).await {
             Ok(result) => result,
             Err(_) => Err(PublishError::Timeout(PUBLISH_TIMEOUT)),
         };

@@ -17,19 +17,108 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 /// Structured logs: JSON when `LOG_FORMAT=json`, readable text otherwise;
-/// levels from `RUST_LOG` (default `info`).
-pub fn init_tracing() {
+/// levels from `RUST_LOG` (default `info`). When
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, spans also go to that OTLP/HTTP
+/// collector as `service` (`OTEL_SERVICE_NAME` overrides it); without it
+/// nothing is exported and no span is recorded for export.
+///
+/// Keep the returned guard until the process ends: dropping it flushes the
+/// spans still batched.
+pub fn init_tracing(service: &'static str) -> Telemetry {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let fmt = tracing_subscriber::fmt::layer().with_target(false);
+    let fmt = if json {
+        fmt.json().flatten_event(true).boxed()
     } else {
-        builder.compact().try_init()
+        fmt.compact().boxed()
     };
+    let (otel, provider, problem) = match otlp_provider(service) {
+        Ok(Some(provider)) => {
+            use opentelemetry::trace::TracerProvider as _;
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer(service))
+                .with_filter(tracing_subscriber::filter::filter_fn(exported));
+            (Some(layer), Some(provider), None)
+        }
+        Ok(None) => (None, None, None),
+        Err(e) => (None, None, Some(e)),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt.with_filter(filter))
+        .with(otel)
+        .try_init();
+    if let Some(e) = problem {
+        tracing::warn!(error = %e, "not exporting spans: the OTLP exporter did not start");
+    }
+    Telemetry { provider }
+}
+
+/// What goes to the collector: our spans and events at `info` and above,
+/// and the Kubernetes client's per-request spans (`debug` in kube), so each
+/// API call is a child of the reconcile or handler that made it.
+fn exported(meta: &tracing::Metadata<'_>) -> bool {
+    *meta.level() <= tracing::Level::INFO
+        || (meta.is_span() && meta.target().starts_with("kube_client"))
+}
+
+fn otlp_provider(
+    service: &'static str,
+) -> Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>, String> {
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()));
+    if !configured {
+        return Ok(None);
+    }
+    // The blocking HTTP client must be made off the async runtime: it runs
+    // one of its own, which tokio refuses to nest.
+    let exporter = std::thread::spawn(|| {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "the exporter's set-up panicked".to_string())??;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service)
+        .build();
+    Ok(Some(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    ))
+}
+
+/// Flushes and stops span export when dropped.
+#[must_use = "spans are flushed when this is dropped: keep it for the process's life"]
+pub struct Telemetry {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are being exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            let _ = provider.shutdown();
+        }
+    }
 }
 
 /// Liveness and readiness as the process sees them.
