@@ -182,7 +182,7 @@ async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
-    dishpatch_runtime::init_tracing();
+    let _telemetry = dishpatch_runtime::init_tracing("dishpatch-operator");
     let shutdown = dishpatch_runtime::shutdown_signal();
     let client = Client::try_default()
         .await

@@ -31,13 +31,44 @@ use crate::context::Context;
 use crate::deadline::{self, Awaiting};
 use crate::error::{Error, Result};
 use crate::stock::MANAGER;
+use tracing::Instrument as _;
 
 /// Held until the operator has compensated a deleted order.
 pub const FINALIZER: &str = "dishpatch.dev/compensate";
 /// How often a quiet order is looked at anyway, in case a watch event was missed.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// One pass over an Order, as a span on the order's trace (under the
+/// façade's request that placed it): the API calls and publishes it makes
+/// are its children.
 pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -> Result<Action> {
+    let span = match &guard.0 {
+        Ok(order) => {
+            let uid = order.uid().unwrap_or_default();
+            let span = tracing::info_span!(
+                "reconcile",
+                otel.name = "reconcile order",
+                order.name = %order.name_any(),
+                order.namespace = %order.namespace().unwrap_or_default(),
+                order.uid = %uid,
+                order.phase = ?order.status.as_ref().and_then(|s| s.phase),
+            );
+            let parent = trace::order_root(
+                &uid,
+                order
+                    .annotations()
+                    .get(trace::TRACEPARENT_ANNOTATION)
+                    .map(String::as_str),
+            );
+            trace::adopt(&span, &parent);
+            span
+        }
+        Err(_) => tracing::info_span!("reconcile", otel.name = "reconcile unparsed order"),
+    };
+    reconcile_order(guard, ctx).instrument(span).await
+}
+
+async fn reconcile_order(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -> Result<Action> {
     let order = match &guard.0 {
         Ok(order) => order.clone(),
         Err(invalid) => {

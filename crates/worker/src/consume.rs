@@ -13,6 +13,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use rand::RngExt;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::metrics::{EventLabel, WorkerMetrics};
 
@@ -176,20 +177,35 @@ async fn handle_delivery<H: Handler>(
             _ => None,
         }
     });
-    // Stay on the order's trace: a child of the incoming span, or a fresh one on the order's trace id.
-    let trace_id = incoming
-        .as_deref()
-        .and_then(trace::parse)
-        .map(|(t, _)| t)
-        .unwrap_or_else(|| trace::trace_id(&event.data.order.uid, None));
-    let traceparent = trace::child_traceparent(&trace_id);
-    let span = tracing::info_span!("handle", event = %kind, order = %event.subject, %traceparent);
-    let _enter = span.enter();
-    drop(_enter);
+    // Stay on the order's trace: a child of the publisher's span, or of the
+    // order's root when the message carries none.
+    let order = &event.data.order;
+    let parent = incoming
+        .filter(|t| trace::parse(t).is_some())
+        .unwrap_or_else(|| trace::order_root(&order.uid, None));
+    let span = tracing::info_span!(
+        "handle",
+        otel.name = %format!("handle {kind}"),
+        otel.kind = "consumer",
+        event = %kind,
+        order.name = %order.name,
+        order.namespace = %order.namespace,
+        order.uid = %order.uid,
+    );
+    trace::adopt(&span, &parent);
+    // What the handler publishes and writes is a child of this span.
+    let traceparent = trace::traceparent_of(&span, || {
+        let trace_id = trace::parse(&parent).map(|(t, _)| t).unwrap_or_default();
+        trace::child_traceparent(&trace_id)
+    });
 
     let mut attempt = 0;
     while attempt < ATTEMPTS {
-        match handler.handle(event.clone(), traceparent.clone()).await {
+        match handler
+            .handle(event.clone(), traceparent.clone())
+            .instrument(span.clone())
+            .await
+        {
             Ok(()) => {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
                 metrics.handled(&kind, "ok");

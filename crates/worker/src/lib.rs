@@ -12,14 +12,14 @@ mod service;
 mod status;
 
 pub use consume::{HandleError, Handler, run};
+pub use dishpatch_messaging::trace;
 pub use metrics::WorkerMetrics;
 pub use service::{CommonArgs, Parts, ServiceError, serve};
 pub use status::{OrderAccess, Stage};
 
 /// A fresh `traceparent` on an order's trace, for work a worker starts on
-/// its own (timers) rather than in answer to a message.
+/// its own (timers) rather than in answer to a message, when no span of
+/// it is exported.
 pub fn child_traceparent(order_uid: &str) -> String {
-    dishpatch_messaging::trace::child_traceparent(&dishpatch_messaging::trace::trace_id(
-        order_uid, None,
-    ))
+    trace::child_traceparent(&trace::trace_id(order_uid, None))
 }

@@ -68,7 +68,7 @@ where
     F: FnOnce(Parts) -> Fut,
     Fut: Future<Output = Result<H, ServiceError>>,
 {
-    dishpatch_runtime::init_tracing();
+    let _telemetry = dishpatch_runtime::init_tracing(stage.manager);
     let shutdown = dishpatch_runtime::shutdown_signal();
     let queue = SERVICE_QUEUES
         .iter()

@@ -22,6 +22,7 @@ use kube::api::Api;
 use kube::core::DeserializeGuard;
 use kube::{Client, ResourceExt};
 use tokio::sync::{OwnedMutexGuard, watch};
+use tracing::Instrument as _;
 
 use crate::active::Active;
 use crate::couriers::{Cas, Couriers};
@@ -63,7 +64,7 @@ pub struct Settings {
 struct Waiting {
     order: OrderRef,
     zone: String,
-    trace_id: String,
+    parent: String,
 }
 
 /// Per-order mutual exclusion within this process: a duplicated message,
@@ -100,21 +101,37 @@ fn section(d: &DeliveryStatus) -> Result<serde_json::Value, HandleError> {
     serde_json::to_value(d).map_err(|e| HandleError::Permanent(e.to_string()))
 }
 
-/// The trace an incoming message's traceparent belongs to.
-fn trace_of(traceparent: &str, uid: &str) -> String {
-    trace::parse(traceparent)
-        .map(|(t, _)| t)
-        .unwrap_or_else(|| trace::trace_id(uid, None))
+/// The span a delivery's later work hangs under: the incoming message's
+/// handler, or the order's root when it has none.
+fn parent_of(traceparent: &str, uid: &str) -> String {
+    if trace::parse(traceparent).is_some() {
+        traceparent.to_string()
+    } else {
+        trace::order_root(uid, None)
+    }
 }
 
-/// The order's own trace, for work that no message started.
-fn order_trace(o: &Order) -> String {
-    trace::trace_id(
+/// The order's own root span, for work that no message started.
+fn order_parent(o: &Order) -> String {
+    trace::order_root(
         &o.uid().unwrap_or_default(),
         o.annotations()
             .get(trace::TRACEPARENT_ANNOTATION)
             .map(String::as_str),
     )
+}
+
+/// A span for work on `r` that no message started, under `parent`.
+fn work_span(what: &'static str, r: &OrderRef, parent: &str) -> tracing::Span {
+    let span = tracing::info_span!(
+        "delivery",
+        otel.name = what,
+        order.name = %r.name,
+        order.namespace = %r.namespace,
+        order.uid = %r.uid,
+    );
+    trace::adopt(&span, parent);
+    span
 }
 
 fn order_ref(o: &Order) -> OrderRef {
@@ -240,7 +257,7 @@ impl Dispatcher {
                     Waiting {
                         order: r.clone(),
                         zone,
-                        trace_id: trace_of(traceparent, &r.uid),
+                        parent: parent_of(traceparent, &r.uid),
                     },
                 );
             }
@@ -263,7 +280,7 @@ impl Dispatcher {
             if let Some(kind) = event_of(d.state) {
                 self.access.publish(r, kind, None, traceparent).await?;
             }
-            self.ensure_driver(r.clone(), trace_of(traceparent, &r.uid));
+            self.ensure_driver(r.clone(), parent_of(traceparent, &r.uid));
             return Ok(Assign::Done);
         }
         if cancel_pending(&order) {
@@ -410,7 +427,7 @@ impl Dispatcher {
                 } else {
                     tracing::info!(order = %subject, courier = %name, "delivery offered");
                 }
-                self.ensure_driver(r.clone(), trace_of(traceparent, &r.uid));
+                self.ensure_driver(r.clone(), parent_of(traceparent, &r.uid));
                 Ok(true)
             }
             Ok(None) => {
@@ -544,13 +561,16 @@ impl Dispatcher {
     }
 
     /// Starts driving the order's delivery unless this process already does.
-    fn ensure_driver(self: &Arc<Self>, r: OrderRef, trace_id: String) {
+    fn ensure_driver(self: &Arc<Self>, r: OrderRef, parent: String) {
         if !held(&self.drivers).insert(r.uid.clone()) {
             return;
         }
         let this = self.clone();
         tokio::spawn(async move {
-            this.drive(&r, &trace_id).await;
+            let span = work_span("delivery drive", &r, &parent);
+            // What the driver writes and publishes is a child of its span.
+            let parent = trace::traceparent_of(&span, || parent.clone());
+            this.drive(&r, &parent).instrument(span).await;
             held(&this.drivers).remove(&r.uid);
             held(&this.tried).remove(&r.uid);
             held(&this.precise).remove(&r.uid);
@@ -558,14 +578,14 @@ impl Dispatcher {
     }
 
     /// Moves the delivery along until it is finished (or the process stops).
-    async fn drive(self: &Arc<Self>, r: &OrderRef, trace_id: &str) {
+    async fn drive(self: &Arc<Self>, r: &OrderRef, parent: &str) {
         let mut shutdown = self.shutdown.clone();
         let mut failures = 0;
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let wait = match self.step(r, trace_id).await {
+            let wait = match self.step(r, parent).await {
                 Ok(Step::Stop) => return,
                 Ok(Step::Again) => {
                     failures = 0;
@@ -589,7 +609,7 @@ impl Dispatcher {
     }
 
     /// One step of the simulated courier, from the order as it is now.
-    async fn step(self: &Arc<Self>, r: &OrderRef, trace_id: &str) -> Result<Step, HandleError> {
+    async fn step(self: &Arc<Self>, r: &OrderRef, parent: &str) -> Result<Step, HandleError> {
         let _lock = self.locks.lock(&r.uid).await;
         let Some(order) = self.access.order(r).await? else {
             return Ok(Step::Stop);
@@ -601,7 +621,7 @@ impl Dispatcher {
         let now = Timestamp::now();
         let known = held(&self.precise).get(&r.uid).copied();
         match next_step(&refined(&d, known), &self.settings.timing) {
-            Next::AwaitAnswer => self.offer_step(&order, &d, trace_id).await,
+            Next::AwaitAnswer => self.offer_step(&order, &d, parent).await,
             Next::PickUp { at } => {
                 if cancel_pending(&order) {
                     // It is being cancelled: the courier does not set off.
@@ -630,12 +650,8 @@ impl Dispatcher {
                 self.clear_said(&order, &d, PICKED_UP_ANNOTATION).await?;
                 held(&self.precise).insert(r.uid.clone(), (DeliveryState::PickedUp, now));
                 tracing::info!(order = %subject, courier = ?d.courier, "picked up");
-                self.announce(
-                    r,
-                    EventType::DeliveryPickedUp,
-                    &trace::child_traceparent(trace_id),
-                )
-                .await?;
+                self.announce(r, EventType::DeliveryPickedUp, &trace::child_of(parent))
+                    .await?;
                 Ok(Step::Again)
             }
             Next::Deliver { at } => {
@@ -651,12 +667,8 @@ impl Dispatcher {
                     .await?;
                 self.clear_said(&order, &d, DELIVERED_ANNOTATION).await?;
                 tracing::info!(order = %subject, courier = ?d.courier, "delivered");
-                self.announce(
-                    r,
-                    EventType::DeliveryDelivered,
-                    &trace::child_traceparent(trace_id),
-                )
-                .await?;
+                self.announce(r, EventType::DeliveryDelivered, &trace::child_of(parent))
+                    .await?;
                 // The next step (Finish) frees the courier.
                 Ok(Step::Again)
             }
@@ -709,7 +721,7 @@ impl Dispatcher {
         self: &Arc<Self>,
         order: &Order,
         d: &DeliveryStatus,
-        trace_id: &str,
+        parent: &str,
     ) -> Result<Step, HandleError> {
         let r = order_ref(order);
         let tick = self.settings.timing.tick;
@@ -732,7 +744,7 @@ impl Dispatcher {
                     if !wants {
                         return Ok(Step::Until(offer.expires_at.0.min(after(now, tick))));
                     }
-                    let tp = trace::child_traceparent(trace_id);
+                    let tp = trace::child_of(parent);
                     let taken = self.accept(&r, name, &tp).await?;
                     self.couriers
                         .clear_request(&r.namespace, name, ACCEPT_ANNOTATION, &r.name)
@@ -763,7 +775,7 @@ impl Dispatcher {
         };
         match self.claim(order, &zone, &claim).await? {
             Claimed::Courier(c) => {
-                self.commit(&r, Some(d), &c, &claim, &trace::child_traceparent(trace_id))
+                self.commit(&r, Some(d), &c, &claim, &trace::child_of(parent))
                     .await?;
                 Ok(Step::Again)
             }
@@ -797,8 +809,9 @@ impl Dispatcher {
                 }
                 for w in group {
                     let _lock = self.locks.lock(&w.order.uid).await;
-                    let tp = trace::child_traceparent(&w.trace_id);
-                    match self.try_assign(&w.order, &tp).await {
+                    let span = work_span("delivery assign", &w.order, &w.parent);
+                    let tp = trace::traceparent_of(&span, || trace::child_of(&w.parent));
+                    match self.try_assign(&w.order, &tp).instrument(span).await {
                         Ok(Assign::Done) => {
                             held(&self.waiting).remove(&w.order.uid);
                         }
@@ -862,18 +875,18 @@ impl Dispatcher {
             if held(&self.drivers).contains(&r.uid) || !(at_start || overdue) {
                 continue;
             }
-            let trace_id = order_trace(&o);
+            let parent = order_parent(&o);
             if at_start && let Some(kind) = event_of(d.state) {
                 // Its announcement may have died with the last process.
                 if let Err(e) = self
                     .access
-                    .publish(&r, kind, None, &trace::child_traceparent(&trace_id))
+                    .publish(&r, kind, None, &trace::child_of(&parent))
                     .await
                 {
                     tracing::warn!(order = %r.name, error = %e, "re-publishing on resume");
                 }
             }
-            self.ensure_driver(r, trace_id);
+            self.ensure_driver(r, parent);
             resumed += 1;
         }
         Ok(resumed)

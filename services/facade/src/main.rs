@@ -232,7 +232,7 @@ fn key_source(config: &RunConfig, client: &Client) -> anyhow::Result<KeySource> 
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
-    dishpatch_runtime::init_tracing();
+    let _telemetry = dishpatch_runtime::init_tracing("dishpatch-facade");
     let mut shutdown = dishpatch_runtime::shutdown_signal();
     let client = Client::try_default()
         .await

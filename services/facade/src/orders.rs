@@ -15,6 +15,7 @@ use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use tracing::Instrument as _;
 
 use crate::app::{ApiJson, AppState};
 use crate::auth::Caller;
@@ -206,20 +207,37 @@ pub async fn place(
         None => (None, Some("o-".to_string())),
     };
     // The order joins the caller's trace (W3C `traceparent`) or starts one;
-    // every component puts its spans on it through this annotation.
-    let trace_id = headers
+    // every component puts its spans on it through this annotation, which
+    // names this request's span: the root of the order's work.
+    let incoming = headers
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(trace::parse)
-        .map(|(t, _)| t)
-        .unwrap_or_else(new_trace_id);
+        .filter(|t| trace::parse(t).is_some());
+    let span = tracing::info_span!(
+        "request",
+        otel.name = "POST /api/v1/orders",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/api/v1/orders",
+        order.name = tracing::field::Empty,
+        order.namespace = %state.caches.namespace,
+        order.uid = tracing::field::Empty,
+    );
+    let trace_id = match incoming {
+        Some(parent) => {
+            trace::adopt(&span, parent);
+            trace::parse(parent).map_or_else(new_trace_id, |(t, _)| t)
+        }
+        None => new_trace_id(),
+    };
+    let root = trace::traceparent_of(&span, || trace::child_traceparent(&trace_id));
     let order = Order {
         metadata: ObjectMeta {
             name: name.clone(),
             generate_name,
             annotations: Some(BTreeMap::from([(
                 trace::TRACEPARENT_ANNOTATION.to_string(),
-                trace::child_traceparent(&trace_id),
+                root,
             )])),
             ..Default::default()
         },
@@ -231,8 +249,13 @@ pub async fn place(
         field_manager: Some(FIELD_MANAGER.to_string()),
         ..Default::default()
     };
-    match with_timeout(state.api_timeout, api.create(&params, &order)).await {
+    let result = with_timeout(state.api_timeout, api.create(&params, &order))
+        .instrument(span.clone())
+        .await;
+    match result {
         Ok(o) => {
+            span.record("order.name", o.name_any());
+            span.record("order.uid", o.uid().unwrap_or_default());
             state.metrics.orders_created.inc();
             tracing::info!(order = %o.name_any(), customer = %o.spec.customer.id, "order placed");
             state

@@ -17,13 +17,14 @@ use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
 use dishpatch_api::lifecycle::{condition, find};
 use dishpatch_api::order::{KitchenState, KitchenStatus, PaymentState};
 use dishpatch_api::{Order, Restaurant};
-use dishpatch_worker::{HandleError, Handler, OrderAccess};
+use dishpatch_worker::{HandleError, Handler, OrderAccess, trace};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
 use kube::core::DeserializeGuard;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::rail::{MAX_TICKETS, RailError, RailKey, Store};
 use crate::schedule::{Rail, Ticket, plan, prep_time};
@@ -125,6 +126,23 @@ enum Outcome {
     Unchanged(Box<Order>),
     /// Written.
     Written(KitchenStatus),
+}
+
+/// A span for the rail's work on one ticket, under the span that took it.
+fn ticket_span(what: &'static str, t: &Ticket) -> tracing::Span {
+    let span = tracing::info_span!(
+        "ticket",
+        otel.name = what,
+        order.name = %t.order,
+        order.uid = %t.uid,
+        ticket = t.number,
+    );
+    let parent = t
+        .traceparent
+        .clone()
+        .unwrap_or_else(|| trace::order_root(&t.uid, None));
+    trace::adopt(&span, &parent);
+    span
 }
 
 /// Attempts at a conditional Order write before the caller retries later.
@@ -247,6 +265,7 @@ impl Shared {
         let store = self.store(key.clone());
         let me = self.settings.identity.clone();
         let (uid, name) = (r.uid.clone(), r.name.clone());
+        let tp = traceparent.to_string();
         let (rail, booked) = store
             .update(Some(&restaurant), move |rail| {
                 if rail.get(&uid).is_none() && rail.tickets.len() >= MAX_TICKETS {
@@ -254,6 +273,7 @@ impl Shared {
                 }
                 let (booked, started) =
                     rail.book(&uid, &name, prep, capacity, &me, Timestamp::now());
+                rail.trace(&uid, &tp);
                 (!booked.existed, Some((booked, started)))
             })
             .await?;
@@ -365,6 +385,13 @@ impl Shared {
         let capacity = u32::try_from(restaurant.spec.kitchen.capacity).unwrap_or(1);
         let me = self.settings.identity.clone();
         let (uid, name) = (r.uid.clone(), r.name.clone());
+        let tp = trace::order_root(
+            &uid,
+            order
+                .annotations()
+                .get(trace::TRACEPARENT_ANNOTATION)
+                .map(String::as_str),
+        );
         let (rail, started) = store
             .update(Some(restaurant), move |rail| {
                 if rail.get(&uid).is_some() {
@@ -372,6 +399,7 @@ impl Shared {
                 }
                 let (_, started) =
                     rail.book(&uid, &name, remaining, capacity, &me, Timestamp::now());
+                rail.trace(&uid, &tp);
                 (true, started)
             })
             .await?;
@@ -449,8 +477,11 @@ impl Shared {
         let now = Timestamp::now();
         work.retain(|t| t.end().is_none_or(|end| end > now));
         while !work.is_empty() {
-            let outcomes =
-                futures::future::join_all(work.iter().map(|t| self.announce(store.key(), t))).await;
+            let outcomes = futures::future::join_all(work.iter().map(|t| {
+                self.announce(store.key(), t)
+                    .instrument(ticket_span("kitchen prepare", t))
+            }))
+            .await;
             let mut off = Vec::new();
             let mut failed = None;
             for (t, outcome) in work.iter().zip(outcomes) {
@@ -574,7 +605,9 @@ impl Shared {
             && k.state == KitchenState::Ready
         {
             tracing::info!(order = %r.name, ticket = t.number, "ready");
-            let traceparent = dishpatch_worker::child_traceparent(&r.uid);
+            let traceparent = trace::traceparent_of(&tracing::Span::current(), || {
+                dishpatch_worker::child_traceparent(&r.uid)
+            });
             // The Order says Ready: the operator moves on from its status
             // even if this announcement is lost.
             if let Err(e) = self
@@ -687,6 +720,7 @@ impl Shared {
                 tracing::warn!(order = %t.order, owner = %t.owner, "finishing a ticket its replica left overdue");
             }
             self.close(store.key(), t)
+                .instrument(ticket_span("kitchen ready", t))
         }))
         .await;
         let mut done = Vec::new();

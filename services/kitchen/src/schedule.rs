@@ -81,6 +81,10 @@ pub struct Ticket {
     /// When it started cooking; absent while it waits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<Timestamp>,
+    /// The span that took the order (W3C `traceparent`): whichever replica
+    /// cooks it later puts its spans under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl Ticket {
@@ -115,6 +119,15 @@ impl Rail {
         self.tickets.iter().filter(|t| t.cooking()).count()
     }
 
+    /// Records the span that took the ticket, if none is yet.
+    pub fn trace(&mut self, uid: &str, traceparent: &str) {
+        if let Some(t) = self.tickets.iter_mut().find(|t| t.uid == uid)
+            && t.traceparent.is_none()
+        {
+            t.traceparent = Some(traceparent.to_string());
+        }
+    }
+
     /// Puts a ticket at the end of the queue, once per order uid, and starts
     /// whatever fits. Returns its number and the tickets this started.
     pub fn book(
@@ -143,6 +156,7 @@ impl Rail {
             prep_ms: u64::try_from(prep.as_millis()).unwrap_or(u64::MAX),
             owner: me.to_string(),
             started_at: None,
+            traceparent: None,
         });
         let started = self.fill(me, now);
         let booked = Booked {

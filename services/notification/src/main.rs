@@ -68,7 +68,7 @@ async fn wait_shutdown(mut rx: watch::Receiver<bool>) {
 }
 
 async fn run(config: RunConfig) -> anyhow::Result<()> {
-    dishpatch_runtime::init_tracing();
+    let _telemetry = dishpatch_runtime::init_tracing("dishpatch-notification");
     let shutdown = dishpatch_runtime::shutdown_signal();
     let queue = SERVICE_QUEUES
         .iter()

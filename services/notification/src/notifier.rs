@@ -470,6 +470,7 @@ impl Notifier {
         self.metrics.count(channel, outcome);
     }
 
+    #[tracing::instrument(name = "email", skip_all, fields(otel.name = "smtp send", otel.kind = "client"))]
     async fn email(
         &self,
         event: &CloudEvent,
@@ -492,6 +493,7 @@ impl Notifier {
         }
     }
 
+    #[tracing::instrument(name = "webhook", skip_all, fields(otel.name = "webhook POST", otel.kind = "client"))]
     async fn webhook(
         &self,
         webhook: &Webhook,

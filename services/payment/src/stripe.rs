@@ -89,6 +89,14 @@ impl Stripe {
         })
     }
 
+    /// A child span of the handler's: Stripe calls show in the order's trace.
+    #[tracing::instrument(name = "stripe", skip_all, fields(
+        otel.name = %format!("POST {path}"),
+        otel.kind = "client",
+        http.request.method = "POST",
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    ))]
     async fn post<T: for<'de> Deserialize<'de>>(
         &self,
         path: &str,
@@ -108,6 +116,7 @@ impl Stripe {
             .map_err(|_| GatewayError::Retryable("stripe did not answer in time".into()))?
             .map_err(|e| GatewayError::Retryable(format!("stripe: {e}")))?;
         let status = response.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
         let bytes = response
             .into_body()
             .collect()
