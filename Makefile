@@ -23,6 +23,7 @@ up: deps bins ## Start the local platform (control plane, RabbitMQ, CRDs, operat
 	@echo "dishpatch is up. Point kubectl at it with:"
 	@echo "  export KUBECONFIG=$(KUBECONFIG)"
 	@echo "then try: kubectl apply -f examples/ && kubectl get dishpatch"
+	@echo "Traces: Jaeger's API at http://127.0.0.1:16686/api/traces/<trace id> (README: \"An order's trace\")"
 
 down: ## Stop everything `make up` started (state is kept in .dev/)
 	@hack/cluster.sh down

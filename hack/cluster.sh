@@ -6,7 +6,7 @@
 #
 #   hack/cluster.sh up          start the control plane and RabbitMQ (idempotent), apply the CRDs
 #   hack/cluster.sh control-plane   the same without RabbitMQ (start it beside with rabbitmq-up)
-#   hack/cluster.sh platform    also start the dishpatch components from the built binaries
+#   hack/cluster.sh platform    also start the dishpatch components from the built binaries, and Jaeger
 #   hack/cluster.sh down        stop everything this script started
 #   hack/cluster.sh status      what runs, and where
 #   hack/cluster.sh vhost NAME  create a RabbitMQ vhost (for tests) and print its AMQP URL
@@ -286,13 +286,20 @@ platform() {
   local amqp="amqp://guest:guest@127.0.0.1:$AMQP_PORT/%2f"
   local ns="${DISHPATCH_NAMESPACE:-default}" scale="${DISHPATCH_TIME_SCALE:-0.01}"
   local logfmt="${LOG_FORMAT:-json}"
-  start dishpatch-operator env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-operator" run \
+  # Jaeger receives every component's spans (OTLP/HTTP) and shows them at :16686.
+  local jaeger; jaeger=$("$ROOT/hack/tools.sh" path jaeger)
+  local otel=()
+  if [ -x "$jaeger" ]; then
+    start jaeger "$jaeger" --config "file:$ROOT/hack/jaeger.yaml"
+    otel=(OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://127.0.0.1:4318}")
+  fi
+  start dishpatch-operator env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-operator" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
-  start dishpatch-payment env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-payment" run \
+  start dishpatch-payment env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-payment" run \
     --amqp-url "$amqp" --admin-addr 127.0.0.1:9091 --gateway simulated --ledger "$DEV/payment-ledger.jsonl"
-  start dishpatch-kitchen env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-kitchen" run \
+  start dishpatch-kitchen env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-kitchen" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9092 --time-scale "$scale"
-  start dishpatch-delivery env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-delivery" run \
+  start dishpatch-delivery env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-delivery" run \
     --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9093 --time-scale "$scale" --auto-accept
   # A real SMTP server that keeps every e-mail in .dev/mail (a Maildir).
   local venv="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}/venv"
@@ -300,14 +307,14 @@ platform() {
     mkdir -p "$DEV/mail/tmp" "$DEV/mail/new" "$DEV/mail/cur"
     start smtp-sink "$venv/bin/python" -m aiosmtpd -n -l 127.0.0.1:2525 -c aiosmtpd.handlers.Mailbox "$DEV/mail"
   fi
-  start dishpatch-notification env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-notification" run \
+  start dishpatch-notification env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-notification" run \
     --amqp-url "$amqp" --admin-addr 127.0.0.1:9094 --smtp-host 127.0.0.1 --smtp-port 2525
   [ -f "$DEV/facade-jwt.key" ] || (umask 077 && openssl rand -hex 32 >"$DEV/facade-jwt.key")
-  start dishpatch-facade env LOG_FORMAT="$logfmt" "$BIN_DIR/dishpatch-facade" run \
+  start dishpatch-facade env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-facade" run \
     --listen 127.0.0.1:8080 --namespace "$ns" --jwt-key-file "$DEV/facade-jwt.key" --dev-login
 }
 
-PLATFORM=(dishpatch-facade dishpatch-notification smtp-sink dishpatch-delivery dishpatch-kitchen dishpatch-payment dishpatch-operator)
+PLATFORM=(dishpatch-facade dishpatch-notification smtp-sink dishpatch-delivery dishpatch-kitchen dishpatch-payment dishpatch-operator jaeger)
 
 platform_down() {
   local name

@@ -3,7 +3,7 @@
 # kube-controller-manager), the node's (kubelet, kube-scheduler, kube-proxy,
 # CoreDNS), stripe-mock and helm from their published Go modules, once per
 # version, into a cache outside the clone.
-# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|kubelet|kube-scheduler|kube-proxy|coredns|stripe-mock|helm|all|node|path NAME]
+# Usage: hack/tools.sh [etcd|kube-apiserver|kube-controller-manager|kubelet|kube-scheduler|kube-proxy|coredns|stripe-mock|jaeger|helm|all|node|path NAME]
 set -euo pipefail
 
 # Kubernetes minor must match the k8s-openapi feature in Cargo.toml (v1_33).
@@ -12,6 +12,10 @@ ETCD_VERSION="${ETCD_VERSION:-v3.5.35}"
 HELM_VERSION="${HELM_VERSION:-v3.19.0}"
 STRIPE_MOCK_VERSION="${STRIPE_MOCK_VERSION:-v0.203.0}"
 COREDNS_VERSION="${COREDNS_VERSION:-v1.14.7}"
+# The module's v1.x versions carry the v2 all-in-one (cmd/jaeger, an
+# OpenTelemetry Collector build). A module build has no UI assets (they are
+# an npm build of jaeger-ui): the query API serves, the UI is a placeholder.
+JAEGER_VERSION="${JAEGER_VERSION:-v1.75.0}"
 CACHE="${DISHPATCH_CACHE:-$HOME/.cache/dishpatch}"
 BIN="$CACHE/bin"
 mkdir -p "$BIN"
@@ -88,6 +92,12 @@ build_stripe_mock() {
   go_build_from_module "$BIN/stripe-mock-$STRIPE_MOCK_VERSION" github.com/stripe/stripe-mock "$STRIPE_MOCK_VERSION" github.com/stripe/stripe-mock
 }
 
+# Jaeger all-in-one (OTLP in, in-memory storage, the UI and its query API),
+# which receives every component's spans.
+build_jaeger() {
+  go_build_from_module "$BIN/jaeger-$JAEGER_VERSION" github.com/jaegertracing/jaeger "$JAEGER_VERSION" github.com/jaegertracing/jaeger/cmd/jaeger
+}
+
 path_of() {
   case $1 in
     etcd) echo "$BIN/etcd-$ETCD_VERSION" ;;
@@ -95,6 +105,7 @@ path_of() {
     coredns) echo "$BIN/coredns-$COREDNS_VERSION" ;;
     helm) echo "$BIN/helm-$HELM_VERSION" ;;
     stripe-mock) echo "$BIN/stripe-mock-$STRIPE_MOCK_VERSION" ;;
+    jaeger) echo "$BIN/jaeger-$JAEGER_VERSION" ;;
   esac
 }
 
@@ -105,8 +116,9 @@ case "${1:-all}" in
   node) build_kube kubelet; build_kube kube-scheduler; build_kube kube-proxy; build_coredns ;;
   helm) build_helm ;;
   stripe-mock) build_stripe_mock ;;
+  jaeger) build_jaeger ;;
   path) path_of "${2:?name}" ;;
   version) case "${2:?kube|coredns}" in kube) echo "$KUBE_VERSION" ;; coredns) echo "$COREDNS_VERSION" ;; esac ;;
-  all) build_etcd; build_kube kube-apiserver; build_kube kube-controller-manager; build_stripe_mock ;;
-  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|kubelet|kube-scheduler|kube-proxy|coredns|stripe-mock|helm|all|node|path NAME]" >&2; exit 2 ;;
+  all) build_etcd; build_kube kube-apiserver; build_kube kube-controller-manager; build_stripe_mock; build_jaeger ;;
+  *) echo "usage: $0 [etcd|kube-apiserver|kube-controller-manager|kubelet|kube-scheduler|kube-proxy|coredns|stripe-mock|jaeger|helm|all|node|path NAME]" >&2; exit 2 ;;
 esac
