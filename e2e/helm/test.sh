@@ -71,7 +71,17 @@ static() {
   refuse "at '/notification/emailEvents/0': value must be one of" --set-json 'notification.emailEvents=["kitchen.done"]'
   refuse "payment.stripe.apiKey or payment.stripe.existingSecret is required" --set payment.gateway=stripe
   refuse "at '/monitoring/podMonitor/interval': 'often' does not match pattern" --set monitoring.podMonitor.interval=often
-  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 51 kitchens, unknown e-mail events, bad enums and durations"
+  refuse "at '/otel/endpoint': 'jaeger:4318' does not match pattern" --set otel.endpoint=jaeger:4318
+  ok "the schema refuses unknown keys, wrong types, guest/guest, 2 simulated payment replicas, 51 kitchens, unknown e-mail events, bad enums, durations and OTLP endpoints"
+
+  # otel.endpoint reaches every component, and nothing is exported without it
+  local otlp n
+  otlp=$(helm template t "$CHART" --set otel.endpoint=http://jaeger-collector.tracing:4318 --show-only templates/deployments.yaml)
+  n=$(grep -c 'value: "http://jaeger-collector.tracing:4318"' <<<"$otlp" || true)
+  [ "$n" = 6 ] || die "otel.endpoint reached $n of 6 Deployments"
+  ! helm template t "$CHART" --show-only templates/deployments.yaml | grep -q OTEL_EXPORTER_OTLP_ENDPOINT ||
+    die "OTEL_EXPORTER_OTLP_ENDPOINT is set with no otel.endpoint"
+  ok "otel.endpoint sets OTEL_EXPORTER_OTLP_ENDPOINT in all 6 Deployments, and none without it"
 
   # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
   local rendered; rendered=$(mktemp)

@@ -81,6 +81,10 @@ startupProbe:
       key: {{ include "dishpatch.amqpSecretKey" . }}
 - name: RUST_LOG
   value: info
+{{- with .Values.otel.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* the one namespace watched, or "" for all */}}
