@@ -40,6 +40,11 @@ impl Spec<'_> {
     /// `Platform` (time scale 0, simulated gateway, auto-accepting couriers)
     /// and an admin listener on a port of its own; `extra` comes last.
     pub fn start(&self, component: &str, extra: &[&str]) -> Proc {
+        self.start_with_env(component, extra, &[])
+    }
+
+    /// [`Spec::start`] with these environment variables set as well.
+    pub fn start_with_env(&self, component: &str, extra: &[&str], env: &[(&str, &str)]) -> Proc {
         let path = binary(&format!("dishpatch-{component}"));
         assert!(
             path.exists(),
@@ -52,6 +57,7 @@ impl Spec<'_> {
             .args(["--admin-addr", &admin.to_string()])
             .env("KUBECONFIG", kubeconfig_path())
             .env("RUST_LOG", self.rust_log)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .kill_on_drop(true);
         match self.log {
