@@ -19,7 +19,6 @@ mod procs;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -79,22 +78,7 @@ async fn main() {
     let log = work.join("components.log");
 
     // A real SMTP server that accepts and discards every e-mail.
-    let python = dishpatch_testkit::cache_dir().join("venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run hack/deps.sh (it installs aiosmtpd)",
-        python.display()
-    );
-    let smtp_port = free_port();
-    let _smtp = tokio::process::Command::new(&python)
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{smtp_port}"))
-        .args(["-c", "aiosmtpd.handlers.Sink"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_smtp, smtp_port) = procs::smtp_sink();
 
     let key_file = work.join("jwt.key");
     std::fs::write(&key_file, format!("soak-key-{}-0123456789abcdef", ns.name)).unwrap();

@@ -17,7 +17,6 @@
 mod procs;
 
 use std::collections::{BTreeMap, HashMap};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 use kube::Client;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
-use procs::{Spec, free_port};
+use procs::Spec;
 
 const BURST: usize = 200;
 const COURIERS: usize = 40;
@@ -166,22 +165,8 @@ async fn main() {
     let ledger = work.join("ledger.jsonl");
 
     // A real SMTP server that accepts and discards every e-mail.
-    let python = dishpatch_testkit::cache_dir().join("venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run hack/deps.sh (it installs aiosmtpd)",
-        python.display()
-    );
-    let smtp_port = free_port().to_string();
-    let _smtp = tokio::process::Command::new(&python)
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{smtp_port}"))
-        .args(["-c", "aiosmtpd.handlers.Sink"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_smtp, smtp_port) = procs::smtp_sink();
+    let smtp_port = smtp_port.to_string();
     let spec = Spec {
         namespace: &ns.name,
         amqp_url: &amqp,

@@ -180,17 +180,8 @@ async fn an_order_is_one_trace_across_all_six_services_in_jaeger() {
     }
 
     // A real SMTP server that accepts and discards every e-mail.
-    let python = cache_dir().join("venv/bin/python");
-    let smtp_port = free_port().to_string();
-    let _smtp = tokio::process::Command::new(&python)
-        .args(["-m", "aiosmtpd", "-n", "-l"])
-        .arg(format!("127.0.0.1:{smtp_port}"))
-        .args(["-c", "aiosmtpd.handlers.Sink"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (_smtp, smtp_port) = procs::smtp_sink();
+    let smtp_port = smtp_port.to_string();
 
     let spec = Spec {
         namespace: &ns.name,

@@ -111,6 +111,28 @@ impl Spec<'_> {
     }
 }
 
+/// A real SMTP server (aiosmtpd from hack/deps.sh's venv) on a free
+/// loopback port that accepts and discards every e-mail: it and its port.
+pub fn smtp_sink() -> (Child, u16) {
+    let python = dishpatch_testkit::cache_dir().join("venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run hack/deps.sh (it installs aiosmtpd)",
+        python.display()
+    );
+    let port = free_port();
+    let child = Command::new(&python)
+        .args(["-m", "aiosmtpd", "-n", "-l"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["-c", "aiosmtpd.handlers.Sink"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
 impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the process is running")
