@@ -1180,8 +1180,11 @@ impl Follower {
             if let Some(at) = seen[next..].iter().position(|e| e.phase == *p) {
                 next += at + 1;
             } else if *inside
-                && seen
-                    .get(next)
+                && seen[next..]
+                    .iter()
+                    // Repeats of the phase just matched (the façade resends
+                    // an unchanged view after its relist) are not the next event.
+                    .find(|e| next == 0 || e.phase != seen[next - 1].phase)
                     .is_some_and(|e| e.shows.contains(&p.as_str()))
             {
                 eprintln!(
