@@ -53,14 +53,7 @@ pub async fn reconcile(guard: Arc<DeserializeGuard<Order>>, ctx: Arc<Context>) -
                 order.uid = %uid,
                 order.phase = ?order.status.as_ref().and_then(|s| s.phase),
             );
-            let parent = trace::order_root(
-                &uid,
-                order
-                    .annotations()
-                    .get(trace::TRACEPARENT_ANNOTATION)
-                    .map(String::as_str),
-            );
-            trace::adopt(&span, &parent);
+            trace::adopt(&span, &trace::order_root_of(order));
             span
         }
         Err(_) => tracing::info_span!("reconcile", otel.name = "reconcile unparsed order"),

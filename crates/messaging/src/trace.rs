@@ -74,6 +74,19 @@ pub fn order_root(uid: &str, annotation: Option<&str>) -> String {
     format!("00-{trace}-{span:016x}-01")
 }
 
+/// [`order_root`] of an Order: its uid and its annotation.
+pub fn order_root_of(order: &dishpatch_api::Order) -> String {
+    order_root(
+        order.metadata.uid.as_deref().unwrap_or_default(),
+        order
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TRACEPARENT_ANNOTATION))
+            .map(String::as_str),
+    )
+}
+
 /// Makes `span` a child of the span `traceparent` names. Call it before
 /// the span is entered; a no-op when spans are not exported.
 pub fn adopt(span: &tracing::Span, traceparent: &str) {
@@ -143,6 +156,18 @@ mod tests {
         assert_eq!(order_root(uid, Some("garbage")), root);
         let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         assert_eq!(order_root(uid, Some(tp)), tp);
+    }
+
+    #[test]
+    fn an_orders_root_is_its_annotation_else_its_uid() {
+        let mut order = dishpatch_testkit::fixtures::order("o", "roma", &[("pizza", 1)]);
+        let uid = "0b9e4c1e-7f39-4b56-9d55-1f0c1e2d3a4b";
+        order.metadata.uid = Some(uid.into());
+        assert_eq!(order_root_of(&order), order_root(uid, None));
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        order.metadata.annotations =
+            Some([(TRACEPARENT_ANNOTATION.to_string(), tp.to_string())].into());
+        assert_eq!(order_root_of(&order), tp);
     }
 
     #[test]

@@ -111,16 +111,6 @@ fn parent_of(traceparent: &str, uid: &str) -> String {
     }
 }
 
-/// The order's own root span, for work that no message started.
-fn order_parent(o: &Order) -> String {
-    trace::order_root(
-        &o.uid().unwrap_or_default(),
-        o.annotations()
-            .get(trace::TRACEPARENT_ANNOTATION)
-            .map(String::as_str),
-    )
-}
-
 /// A span for work on `r` that no message started, under `parent`.
 fn work_span(what: &'static str, r: &OrderRef, parent: &str) -> tracing::Span {
     let span = tracing::info_span!(
@@ -875,7 +865,7 @@ impl Dispatcher {
             if held(&self.drivers).contains(&r.uid) || !(at_start || overdue) {
                 continue;
             }
-            let parent = order_parent(&o);
+            let parent = trace::order_root_of(&o);
             if at_start && let Some(kind) = event_of(d.state) {
                 // Its announcement may have died with the last process.
                 if let Err(e) = self

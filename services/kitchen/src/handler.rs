@@ -385,13 +385,7 @@ impl Shared {
         let capacity = u32::try_from(restaurant.spec.kitchen.capacity).unwrap_or(1);
         let me = self.settings.identity.clone();
         let (uid, name) = (r.uid.clone(), r.name.clone());
-        let tp = trace::order_root(
-            &uid,
-            order
-                .annotations()
-                .get(trace::TRACEPARENT_ANNOTATION)
-                .map(String::as_str),
-        );
+        let tp = trace::order_root_of(order);
         let (rail, started) = store
             .update(Some(restaurant), move |rail| {
                 if rail.get(&uid).is_some() {
