@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dishpatch_api::{Courier, Order, OrderPhase, Restaurant};
-use dishpatch_testkit::{TestNamespace, amqp_vhost, binary, client, ensure_crds, fixtures};
+use dishpatch_testkit::{TestNamespace, amqp_vhost, client, ensure_crds, fixtures};
 use futures::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
@@ -207,23 +207,7 @@ async fn main() {
         ],
     );
     facade.wait_ready(Duration::from_secs(60)).await;
-    let token = {
-        let out = std::process::Command::new(binary("dishpatch-facade"))
-            .args([
-                "token", "--role", "customer", "--sub", "cust-1", "--ttl", "1h",
-            ])
-            .arg("--key-file")
-            .arg(&key_file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let bearer = format!("Bearer {token}");
+    let bearer = procs::customer_bearer(&key_file, "cust-1", "1h", &[]);
     // The cache holds every stored order before the clock starts.
     let last = format!("http://{listen}/api/v1/orders/{}", ids[ids.len() - 1]);
     let probe: HttpClient<_, Empty<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use dishpatch_api::order::PaymentState;
 use dishpatch_api::{Courier, Order, OrderPhase, Restaurant};
-use dishpatch_testkit::{TestNamespace, amqp_vhost, binary, client, ensure_crds, fixtures};
+use dishpatch_testkit::{TestNamespace, amqp_vhost, client, ensure_crds, fixtures};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 use procs::{Proc, Spec, free_port, http_json, metric_sum};
@@ -139,24 +139,12 @@ async fn main() {
     for p in &procs {
         p.wait_ready(Duration::from_secs(60)).await;
     }
-    let token = {
-        let out = std::process::Command::new(binary("dishpatch-facade"))
-            .args([
-                "token", "--role", "customer", "--sub", "soak", "--ttl", "24h",
-            ])
-            .args(["--name", "Soak Test", "--email", "soak@example.com"])
-            .arg("--key-file")
-            .arg(&key_file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
-    let bearer = format!("Bearer {token}");
+    let bearer = procs::customer_bearer(
+        &key_file,
+        "soak",
+        "24h",
+        &["--name", "Soak Test", "--email", "soak@example.com"],
+    );
 
     println!(
         "dishpatch soak: {rate} orders/s for {duration:?} through the façade, time scale {scale}, \

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use dishpatch_api::{Courier, Order, OrderPhase, Restaurant};
 use dishpatch_messaging::trace;
 use dishpatch_testkit::{
-    TestNamespace, amqp_vhost, binary, cache_dir, client, ensure_crds, fixtures, workspace_root,
+    TestNamespace, amqp_vhost, cache_dir, client, ensure_crds, fixtures, workspace_root,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
@@ -213,26 +213,7 @@ async fn an_order_is_one_trace_across_all_six_services_in_jaeger() {
     for p in &procs {
         p.wait_ready(Duration::from_secs(60)).await;
     }
-    let out = std::process::Command::new(binary("dishpatch-facade"))
-        .args([
-            "token",
-            "--role",
-            "customer",
-            "--sub",
-            "cust-1",
-            "--ttl",
-            "1h",
-            "--key-file",
-        ])
-        .arg(&key_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let bearer = format!("Bearer {}", String::from_utf8(out.stdout).unwrap().trim());
+    let bearer = procs::customer_bearer(&key_file, "cust-1", "1h", &[]);
 
     let body = serde_json::json!({
         "restaurant": "roma",

@@ -133,6 +133,24 @@ pub fn smtp_sink() -> (Child, u16) {
     (child, port)
 }
 
+/// `Bearer <token>` for a customer, minted by `dishpatch-facade token`
+/// with the façade's key file; `extra` adds claims (`--email`, `--name`).
+pub fn customer_bearer(key_file: &Path, sub: &str, ttl: &str, extra: &[&str]) -> String {
+    let out = std::process::Command::new(binary("dishpatch-facade"))
+        .args(["token", "--role", "customer", "--sub", sub, "--ttl", ttl])
+        .args(extra)
+        .arg("--key-file")
+        .arg(key_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!("Bearer {}", String::from_utf8(out.stdout).unwrap().trim())
+}
+
 impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id().expect("the process is running")
