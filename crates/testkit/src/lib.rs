@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 pub mod apiserver;
 pub mod facade;
 pub mod net;
+pub mod postgres;
 
 /// What went wrong while preparing a test.
 #[derive(Debug, thiserror::Error)]
