@@ -63,6 +63,13 @@ pub struct RunConfig {
     #[arg(long, env = "DISHPATCH_RETENTION", default_value = "24h", value_parser = parse_duration)]
     pub retention: Duration,
 
+    /// PostgreSQL URL of the order history (`postgres://user:password@host/db`,
+    /// `?sslmode=require` for TLS). When set, every order is written there
+    /// before it is deleted, and the delete waits until it is. Unset, deleted
+    /// orders are gone.
+    #[arg(long, env = "DISHPATCH_ARCHIVE_URL", hide_env_values = true)]
+    pub archive_url: Option<String>,
+
     /// Re-publishes of order.cancelled for an order whose compensation (a
     /// refund, a charge to settle) is still outstanding, one per stage
     /// deadline, before the operator stops and sets CompensationFailed. A

@@ -27,6 +27,8 @@ pub struct Context {
     /// The Orders watch cache, and whether it has listed everything once.
     pub orders: Store<DeserializeGuard<Order>>,
     pub watches: crate::watches::WatchHealth,
+    /// Order history; `None` when no database is configured.
+    pub archive: Option<dishpatch_archive::Archive>,
 }
 
 /// What this replica remembers between reconciles. Losing it (a restart, a

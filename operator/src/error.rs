@@ -14,6 +14,10 @@ pub enum Error {
     Finalizer(Box<kube::runtime::finalizer::Error<Error>>),
     #[error("{0}")]
     Conflict(String),
+    /// The order history database refused or could not be reached; the
+    /// delete that waits for it is retried with backoff.
+    #[error("{0}")]
+    Archive(#[from] dishpatch_archive::Error),
     /// Not a failure: deletion waits for a worker to compensate; look again
     /// after the given time.
     #[error("waiting: {0}")]
@@ -23,13 +27,14 @@ pub enum Error {
 impl Error {
     /// Every [`kind`](Self::kind): the metrics start each at zero, so an
     /// error rate exists (as 0) before the first error.
-    pub const KINDS: [&'static str; 6] = [
+    pub const KINDS: [&'static str; 7] = [
         "kube",
         "publish",
         "json",
         "finalizer",
         "conflict",
         "waiting",
+        "archive",
     ];
 
     /// A short label for metrics.
@@ -41,6 +46,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Conflict(_) => "conflict",
             Error::Waiting(..) => "waiting",
+            Error::Archive(_) => "archive",
         }
     }
 }
@@ -59,6 +65,7 @@ mod tests {
             Error::Conflict("lost a race".into()),
             Error::Waiting("refund".into(), std::time::Duration::from_secs(1)),
             Error::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::Archive(dishpatch_archive::Error::Unarchivable("no uid".into())),
         ];
         for e in &errors {
             assert!(Error::KINDS.contains(&e.kind()), "{} not listed", e.kind());

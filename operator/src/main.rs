@@ -281,6 +281,24 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
     metrics.is_leader.set(1);
     health.set_ready(false, "leading; syncing watches");
 
+    // Connections open on first use: a database that is down holds back
+    // deletes (they wait for it), nothing else.
+    let archive = match config.archive_url.as_deref() {
+        Some(url) => {
+            let archive = dishpatch_archive::Archive::connect(url)
+                .context("--archive-url is not a PostgreSQL URL")?;
+            if let Err(e) = archive.migrate().await {
+                tracing::warn!(error = %e, "order history database not ready yet; deletes wait for it");
+            }
+            Some(archive)
+        }
+        None => {
+            tracing::info!(
+                "no --archive-url: orders are deleted after their retention without a history"
+            );
+            None
+        }
+    };
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -297,6 +315,7 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         memory: Memory::default(),
         orders: orders.clone(),
         watches: watch_health,
+        archive,
         config: config.clone(),
     });
 

@@ -24,6 +24,11 @@ pub struct PhaseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     pub event: String,
 }
@@ -44,6 +49,7 @@ pub struct Metrics {
     pub writes: Family<WriteLabels, Counter>,
     pub is_leader: Gauge,
     pub compensation_failed: Counter,
+    pub archived: Family<ResultLabel, Counter>,
 }
 
 impl Metrics {
@@ -61,6 +67,7 @@ impl Metrics {
             writes: Family::default(),
             is_leader: Gauge::default(),
             compensation_failed: Counter::default(),
+            archived: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("dishpatch_operator");
         r.register("reconciles", "Reconciles run", m.reconciles.clone());
@@ -104,6 +111,16 @@ impl Metrics {
             "Orders whose compensation (refund, settling a charge) kept failing until the operator gave up",
             m.compensation_failed.clone(),
         );
+        r.register(
+            "archive_writes",
+            "Orders written to the history database before their delete, by result",
+            m.archived.clone(),
+        );
+        for result in ["ok", "error"] {
+            let _ = m.archived.get_or_create(&ResultLabel {
+                result: result.into(),
+            });
+        }
         r.register(
             "leader",
             "1 while this replica holds the lease",

@@ -810,6 +810,8 @@ async fn expire(
     if age < ctx.config.retention {
         return Ok(Action::requeue((ctx.config.retention - age).min(RESYNC)));
     }
+    // History first: the delete waits until the archive has the order.
+    archive(order, ctx).await?;
     let api: Api<Order> =
         Api::namespaced(ctx.client.clone(), &order.namespace().unwrap_or_default());
     ctx.metrics.write("orders");
@@ -884,6 +886,9 @@ async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
             )
             .await?;
         }
+        // Whoever deleted it (retention, or a person), the finalizer stays
+        // until the history has the order as it ended.
+        archive(order, ctx).await?;
         ctx.memory.forget(&uid);
         return Ok(Action::await_change());
     };
@@ -944,6 +949,31 @@ async fn cleanup(order: &Order, ctx: &Context) -> Result<Action> {
         format!("deleted order {} needs a person: {owed}", order.name_any()),
         RESYNC,
     ))
+}
+
+/// Writes the order to the history database, if there is one. A failure is
+/// counted, told on the order as a Warning Event, and returned: the caller's
+/// delete (or finalizer removal) waits and is retried with backoff.
+async fn archive(order: &Order, ctx: &Context) -> Result<()> {
+    let Some(archive) = &ctx.archive else {
+        return Ok(());
+    };
+    let result = archive.put(order).await;
+    let label = crate::metrics::ResultLabel {
+        result: if result.is_ok() { "ok" } else { "error" }.into(),
+    };
+    ctx.metrics.archived.get_or_create(&label).inc();
+    if let Err(e) = &result {
+        record(
+            ctx,
+            order,
+            K8sEventType::Warning,
+            reason::ARCHIVE_FAILED,
+            format!("not deleted yet: the order history database did not take it: {e}"),
+        )
+        .await;
+    }
+    Ok(result?)
 }
 
 fn deleted_reason() -> Option<String> {

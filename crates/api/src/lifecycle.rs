@@ -49,6 +49,8 @@ pub mod reason {
     pub const COMPENSATION_EXHAUSTED: &str = "CompensationExhausted";
     pub const COMPENSATED: &str = "Compensated";
     pub const RESOLVED_BY_HAND: &str = "ResolvedByHand";
+    /// Event: the order history database did not take the order, so its delete waits.
+    pub const ARCHIVE_FAILED: &str = "ArchiveFailed";
 }
 
 /// The facts the phase is computed from.

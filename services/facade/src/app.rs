@@ -37,6 +37,8 @@ pub struct AppState {
     pub dev_login: bool,
     /// Open live-tracking streams per subject, capped.
     pub streams: Arc<crate::events::Streams>,
+    /// Order history: orders that have left the cluster. `None` without a database.
+    pub archive: Option<Arc<dishpatch_archive::Archive>>,
 }
 
 /// Largest request body accepted.

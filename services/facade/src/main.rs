@@ -142,6 +142,11 @@ struct RunConfig {
     /// Deadline of a whole request (not of live-tracking streams).
     #[arg(long, env = "DISHPATCH_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     request_timeout: Duration,
+    /// PostgreSQL URL of the order history the operator writes
+    /// (`postgres://user:password@host/db`): orders that left the cluster are
+    /// read from it. Read-only use; unset, only live orders are served.
+    #[arg(long, env = "DISHPATCH_ARCHIVE_URL", hide_env_values = true)]
+    archive_url: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -278,6 +283,13 @@ async fn run(config: RunConfig) -> anyhow::Result<()> {
         streams: Arc::new(events::Streams::new(
             usize::try_from(config.max_streams_per_subject).unwrap_or(usize::MAX),
         )),
+        archive: config
+            .archive_url
+            .as_deref()
+            .map(dishpatch_archive::Archive::connect)
+            .transpose()
+            .context("--archive-url is not a PostgreSQL URL")?
+            .map(Arc::new),
     };
     if config.dev_login {
         tracing::warn!(

@@ -131,7 +131,7 @@ fn problem(description: &str) -> RefOr<Response> {
     components(schemas(
         ProblemDetails, FieldError, Role, MoneyView, MenuItemView, RestaurantView, OrderLine,
         AddressBody, PaymentBody, ContactBody, PlaceOrder, CancelBody, FeedbackBody,
-        ShiftBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView,
+        ShiftBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView, TimelineEntry,
         OrderPage, OrderEvent, OrderEventKind, CourierView, OfferView, CourierOrderView
     )),
     modifiers(&Bearer, &Problems),

@@ -19,6 +19,7 @@ use tracing::Instrument as _;
 
 use crate::app::{ApiJson, AppState};
 use crate::auth::Caller;
+use crate::cache::{SortKey, sort_key};
 use crate::problem::{Problem, ProblemDetails, with_timeout};
 use crate::views::{
     CancelBody, FEEDBACK_ANNOTATION, FeedbackBody, OrderPage, OrderView, PlaceOrder,
@@ -284,7 +285,8 @@ pub async fn place(
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders",
     params(("id" = String, Path)),
     responses((status = 200, body = OrderView),
-        (status = 404, body = ProblemDetails, content_type = "application/problem+json")),
+        (status = 404, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 503, description = "The order is not in the cluster and the order history cannot be read", body = ProblemDetails, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn get_one(
     State(state): State<AppState>,
@@ -292,7 +294,23 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<OrderView>, Problem> {
     caller.require_customer()?;
-    cached_order(&state, &caller, &id).map(|o| Json(OrderView::from(o.as_ref())))
+    if let Ok(o) = cached_order(&state, &caller, &id) {
+        return Ok(Json(OrderView::from(o.as_ref())));
+    }
+    // Gone from the cluster: the order history may have it.
+    let Some(archive) = &state.archive else {
+        return Err(Problem::not_found(format!("no order {id}")));
+    };
+    match archive.get(&state.caches.namespace, &id).await {
+        Ok(Some(o)) if visible(&caller, &o) => Ok(Json(OrderView::archived(&o))),
+        Ok(_) => Err(Problem::not_found(format!("no order {id}"))),
+        Err(e) => {
+            tracing::warn!(error = %e, order = %id, "reading the order history");
+            Err(Problem::unavailable(
+                "the order history cannot be read right now; try again shortly",
+            ))
+        }
+    }
 }
 
 /// The caller's order from the cache, or 404 (also for others' orders).
@@ -318,6 +336,28 @@ pub struct ListQuery {
     #[serde(rename = "continue")]
     #[param(rename = "continue")]
     pub continue_: Option<String>,
+    /// Only this customer's orders (admins; a customer sees only their own anyway).
+    pub customer: Option<String>,
+    /// Only orders from this restaurant.
+    pub restaurant: Option<String>,
+    /// Only orders created at or after this time (RFC 3339).
+    #[serde(rename = "createdFrom")]
+    #[param(rename = "createdFrom")]
+    pub created_from: Option<String>,
+    /// Only orders created before this time (RFC 3339).
+    #[serde(rename = "createdBefore")]
+    #[param(rename = "createdBefore")]
+    pub created_before: Option<String>,
+}
+
+fn timestamp_param(name: &str, v: Option<&str>) -> Result<Option<jiff::Timestamp>, Problem> {
+    v.map(|v| {
+        v.parse::<jiff::Timestamp>().map_err(|_| {
+            Problem::bad_request(format!("{name} must be an RFC 3339 time"))
+                .field(name, "RFC 3339, for example 2026-12-01T00:00:00Z")
+        })
+    })
+    .transpose()
 }
 
 fn encode_cursor(k: &(i64, i32, String)) -> String {
@@ -344,11 +384,13 @@ fn decode_cursor(s: &str) -> Option<(i64, i32, String)> {
     ))
 }
 
-/// The caller's orders, newest first (admins see everyone's).
+/// The caller's orders, newest first (admins see everyone's): those in the
+/// cluster, then those in the order history, as one list.
 #[utoipa::path(get, path = "/api/v1/orders", tag = "orders",
     params(ListQuery),
     responses((status = 200, body = OrderPage),
-        (status = 400, body = ProblemDetails, content_type = "application/problem+json")),
+        (status = 400, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 403, body = ProblemDetails, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -368,30 +410,97 @@ pub async fn list(
                 .field("continue", "invalid")
         })?),
     };
-    // From the index: the caller's orders only (an admin's: everyone's).
-    let customer = (!caller.is_admin()).then_some(caller.0.sub.as_str());
-    let mut mine = state
+    if let Some(c) = &query.customer
+        && !caller.is_admin()
+        && *c != caller.0.sub
+    {
+        return Err(Problem::forbidden(
+            "only admins may list another customer's orders",
+        ));
+    }
+    let filter = dishpatch_archive::Filter {
+        // The caller's orders only (an admin's: everyone's, or one customer's).
+        customer: if caller.is_admin() {
+            query.customer.clone()
+        } else {
+            Some(caller.0.sub.clone())
+        },
+        restaurant: query.restaurant.clone(),
+        created_from: timestamp_param("createdFrom", query.created_from.as_deref())?,
+        created_before: timestamp_param("createdBefore", query.created_before.as_deref())?,
+    };
+    let n = limit as usize + 1;
+    let matches = |o: &Order| {
+        filter
+            .restaurant
+            .as_ref()
+            .is_none_or(|r| *r == o.spec.restaurant_ref.name)
+            && created_within(o, &filter)
+    };
+    // From the index, then from the history; both in the same order, so one
+    // cursor pages through the two as through one list.
+    let mut page: Vec<(SortKey, OrderView)> = state
         .caches
         .index
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .page(customer, after.as_ref(), limit as usize + 1, |k| {
-            state.caches.order(&k.2).filter(|o| visible(&caller, o))
+        .page(filter.customer.as_deref(), after.as_ref(), n, |k| {
+            state
+                .caches
+                .order(&k.2)
+                .filter(|o| visible(&caller, o) && matches(o))
+        })
+        .into_iter()
+        .map(|(k, o)| (k, OrderView::from(o.as_ref())))
+        .collect();
+    let mut incomplete = false;
+    if let Some(archive) = &state.archive {
+        let cursor = after.as_ref().map(|k| dishpatch_archive::Cursor {
+            created: jiff::Timestamp::new(k.0, k.1).unwrap_or_default(),
+            name: k.2.clone(),
         });
-    let more = mine.len() > limit as usize;
-    mine.truncate(limit as usize);
+        match archive
+            .page(&state.caches.namespace, &filter, cursor.as_ref(), n)
+            .await
+        {
+            Ok(old) => page.extend(
+                old.iter()
+                    // Archived and not yet deleted: the live copy is listed.
+                    .filter(|o| {
+                        state
+                            .caches
+                            .order(&o.name_any())
+                            .is_none_or(|live| live.uid() != o.uid())
+                    })
+                    .filter(|o| visible(&caller, o))
+                    .map(|o| (sort_key(o), OrderView::archived(o))),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the order history for a list");
+                incomplete = true;
+            }
+        }
+        page.sort_by(|a, b| b.0.cmp(&a.0));
+    }
+    let more = page.len() > limit as usize;
+    page.truncate(limit as usize);
     let continue_ = if more {
-        mine.last().map(|(k, _)| encode_cursor(k))
+        page.last().map(|(k, _)| encode_cursor(k))
     } else {
         None
     };
     Ok(Json(OrderPage {
-        items: mine
-            .iter()
-            .map(|(_, o)| OrderView::from(o.as_ref()))
-            .collect(),
+        items: page.into_iter().map(|(_, v)| v).collect(),
+        incomplete,
         continue_,
     }))
+}
+
+fn created_within(o: &Order, f: &dishpatch_archive::Filter) -> bool {
+    let Some(t) = o.metadata.creation_timestamp.as_ref().map(|t| t.0) else {
+        return f.created_from.is_none() && f.created_before.is_none();
+    };
+    f.created_from.is_none_or(|from| t >= from) && f.created_before.is_none_or(|b| t < b)
 }
 
 /// Whether `id` can be the name of an Order (a DNS-1123 subdomain). Ids

@@ -265,6 +265,38 @@ pub struct OrderView {
     pub created_at: Option<String>,
     /// Changes with every change of the order; the SSE event id.
     pub resource_version: String,
+    /// Every condition the order went through, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<TimelineEntry>,
+    /// True when the order has left the cluster and is read from the order
+    /// history: it no longer changes, and cannot be cancelled or tracked.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub archived: bool,
+}
+
+/// One condition of an order, as last set.
+#[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimelineEntry {
+    /// `Accepted`, `StockReserved`, `Cancelled`, …
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub at: String,
+}
+
+impl OrderView {
+    /// The view of an order read from the history database.
+    pub fn archived(o: &Order) -> Self {
+        Self {
+            archived: true,
+            ..Self::from(o)
+        }
+    }
 }
 
 fn time(t: &Option<Time>) -> Option<String> {
@@ -367,6 +399,24 @@ impl From<&Order> for OrderView {
             feedback,
             created_at: time(&o.metadata.creation_timestamp),
             resource_version: o.metadata.resource_version.clone().unwrap_or_default(),
+            timeline: {
+                let mut t: Vec<TimelineEntry> = status
+                    .map(|s| s.conditions.as_slice())
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|c| TimelineEntry {
+                        type_: c.type_.clone(),
+                        status: c.status.clone(),
+                        reason: c.reason.clone(),
+                        message: c.message.clone(),
+                        at: c.last_transition_time.0.to_string(),
+                    })
+                    .collect();
+                // RFC 3339 UTC times sort as text.
+                t.sort_by(|a, b| a.at.cmp(&b.at));
+                t
+            },
+            archived: false,
         }
     }
 }
@@ -409,6 +459,10 @@ pub struct OrderEvent {
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct OrderPage {
     pub items: Vec<OrderView>,
+    /// True when the order history could not be read: the page holds only
+    /// orders still in the cluster, and older ones may be missing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub incomplete: bool,
     /// Pass as `continue` for the next page; absent on the last page.
     #[serde(rename = "continue", skip_serializing_if = "Option::is_none")]
     pub continue_: Option<String>,
