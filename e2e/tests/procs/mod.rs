@@ -136,8 +136,13 @@ pub fn smtp_sink() -> (Child, u16) {
 /// `Bearer <token>` for a customer, minted by `dishpatch-facade token`
 /// with the façade's key file; `extra` adds claims (`--email`, `--name`).
 pub fn customer_bearer(key_file: &Path, sub: &str, ttl: &str, extra: &[&str]) -> String {
+    bearer(key_file, "customer", sub, ttl, extra)
+}
+
+/// `Bearer <token>` for `role` (`customer`, `courier`, `admin`), as [`customer_bearer`].
+pub fn bearer(key_file: &Path, role: &str, sub: &str, ttl: &str, extra: &[&str]) -> String {
     let out = std::process::Command::new(binary("dishpatch-facade"))
-        .args(["token", "--role", "customer", "--sub", sub, "--ttl", ttl])
+        .args(["token", "--role", role, "--sub", sub, "--ttl", ttl])
         .args(extra)
         .arg("--key-file")
         .arg(key_file)
@@ -245,7 +250,8 @@ pub async fn queue_depths(amqp_url: &str) -> Vec<(String, u32, u32)> {
     out
 }
 
-/// A bare HTTP/1.1 request with a JSON body on loopback: (status, body).
+/// A bare HTTP/1.1 request with a JSON body on loopback (none for
+/// `Value::Null`): (status, body).
 pub async fn http_json(
     addr: SocketAddr,
     method: &str,
@@ -253,7 +259,11 @@ pub async fn http_json(
     headers: &[(&str, &str)],
     body: &serde_json::Value,
 ) -> Result<(u16, String), String> {
-    let body = serde_json::to_vec(body).map_err(|e| e.to_string())?;
+    let body = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).map_err(|e| e.to_string())?
+    };
     let mut s = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|e| e.to_string())?;
