@@ -11,6 +11,8 @@
 #   hack/cluster.sh status      what runs, and where
 #   hack/cluster.sh vhost NAME  create a RabbitMQ vhost (for tests) and print its AMQP URL
 #   hack/cluster.sh rabbitmq-up|rabbitmq-down   just the broker
+#   hack/cluster.sh postgres-up|postgres-down   just the order history database (`make up` starts it)
+#   hack/cluster.sh psql        a psql shell on the order history database
 #   hack/cluster.sh stop NAME   stop one daemon this script started (etcd, kube-apiserver, ...) by its pidfile
 #   hack/cluster.sh clean       down, then delete all local state (.dev/)
 #
@@ -26,6 +28,8 @@ ETCD_PORT="${DISHPATCH_ETCD_PORT:-23790}"
 ETCD_PEER_PORT="${DISHPATCH_ETCD_PEER_PORT:-23800}"
 APISERVER_PORT="${DISHPATCH_APISERVER_PORT:-16443}"
 AMQP_PORT="${DISHPATCH_AMQP_PORT:-5672}"
+PG_PORT="${DISHPATCH_PG_PORT:-15432}"
+PG_DIR="$DEV/postgres"
 KUBECONFIG_PATH="$DEV/kubeconfig"
 RABBIT_BIN=/usr/lib/rabbitmq/bin
 BIN_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dishpatch/target}/debug"
@@ -278,6 +282,52 @@ vhost() { # vhost NAME: an isolated vhost for one test, printed as an AMQP URL
   echo "amqp://guest:guest@127.0.0.1:$AMQP_PORT/$1"
 }
 
+# PostgreSQL from the distribution's package holds the order history: data in
+# .dev/postgres, TCP on loopback only, password authentication. PostgreSQL
+# refuses to run as root, so as root it runs as the package's `postgres` user.
+pg_bin() {
+  local d; d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -n "$d" ] && [ -x "$d/initdb" ] || die "PostgreSQL is not installed (hack/deps.sh installs it)"
+  echo "$d"
+}
+
+as_pg() { # as_pg CMD...: as postgres when root
+  if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+pg_url() { echo "postgres://dishpatch:$(cat "$PG_DIR/password")@127.0.0.1:$PG_PORT/dishpatch"; }
+
+postgres_up() {
+  local bin; bin=$(pg_bin)
+  mkdir -p "$PG_DIR/run"
+  if [ ! -f "$PG_DIR/data/PG_VERSION" ]; then
+    log "creating the order history database in $PG_DIR"
+    [ -f "$PG_DIR/password" ] || (umask 077 && openssl rand -hex 16 >"$PG_DIR/password")
+    [ "$(id -u)" = 0 ] && chown -R postgres: "$PG_DIR"
+    as_pg "$bin/initdb" -D "$PG_DIR/data" -U dishpatch --auth-local=trust --auth-host=scram-sha-256 \
+      --pwfile="$PG_DIR/password" -E UTF8 >"$LOGS/postgres-initdb.log" 2>&1 \
+      || die "initdb failed; see $LOGS/postgres-initdb.log"
+  fi
+  [ "$(id -u)" = 0 ] && chown -R postgres: "$PG_DIR"
+  if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then log "postgres already running"; return 0; fi
+  port_busy "$PG_PORT" && die "port $PG_PORT is taken by another process (set DISHPATCH_PG_PORT)"
+  as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -w -t 60 -l "$PG_DIR/server.log" \
+    -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DIR/run" start >/dev/null \
+    || die "postgres did not start; see $PG_DIR/server.log"
+  as_pg "$bin/psql" -h "$PG_DIR/run" -p "$PG_PORT" -U dishpatch -d postgres -tAc \
+    "SELECT 1 FROM pg_database WHERE datname = 'dishpatch'" | grep -q 1 \
+    || as_pg "$bin/createdb" -h "$PG_DIR/run" -p "$PG_PORT" -U dishpatch dishpatch
+  log "started postgres (127.0.0.1:$PG_PORT, database dishpatch)"
+}
+
+postgres_down() {
+  [ -f "$PG_DIR/data/PG_VERSION" ] || return 0
+  local bin; bin=$(pg_bin)
+  if as_pg "$bin/pg_ctl" -D "$PG_DIR/data" status >/dev/null 2>&1; then
+    as_pg "$bin/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null && log "stopped postgres"
+  fi
+}
+
 # The dishpatch components, as `make up` runs them: built binaries, logs in
 # .dev/logs, admin endpoints on loopback.
 platform() {
@@ -293,8 +343,11 @@ platform() {
     start jaeger "$jaeger" --config "file:$ROOT/hack/jaeger.yaml"
     otel=(OTEL_EXPORTER_OTLP_ENDPOINT="${OTEL_EXPORTER_OTLP_ENDPOINT:-http://127.0.0.1:4318}")
   fi
-  start dishpatch-operator env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-operator" run \
-    --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
+  # Terminal orders go to the history in PostgreSQL before their delete.
+  postgres_up
+  local history; history=$(pg_url)
+  start dishpatch-operator env LOG_FORMAT="$logfmt" "${otel[@]}" DISHPATCH_ARCHIVE_URL="$history" \
+    "$BIN_DIR/dishpatch-operator" run --namespace "$ns" --amqp-url "$amqp" --admin-addr 127.0.0.1:9090
   start dishpatch-payment env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-payment" run \
     --amqp-url "$amqp" --admin-addr 127.0.0.1:9091 --gateway simulated --ledger "$DEV/payment-ledger.jsonl"
   start dishpatch-kitchen env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-kitchen" run \
@@ -310,7 +363,8 @@ platform() {
   start dishpatch-notification env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-notification" run \
     --amqp-url "$amqp" --admin-addr 127.0.0.1:9094 --smtp-host 127.0.0.1 --smtp-port 2525
   [ -f "$DEV/facade-jwt.key" ] || (umask 077 && openssl rand -hex 32 >"$DEV/facade-jwt.key")
-  start dishpatch-facade env LOG_FORMAT="$logfmt" "${otel[@]}" "$BIN_DIR/dishpatch-facade" run \
+  start dishpatch-facade env LOG_FORMAT="$logfmt" "${otel[@]}" DISHPATCH_ARCHIVE_URL="$history" \
+    "$BIN_DIR/dishpatch-facade" run \
     --listen 127.0.0.1:8080 --namespace "$ns" --jwt-key-file "$DEV/facade-jwt.key" --dev-login
 }
 
@@ -336,6 +390,7 @@ stop() { # stop NAME: TERM, then KILL after 10s
 
 down() {
   platform_down
+  postgres_down
   rabbitmq_down
   stop kube-controller-manager
   stop kube-apiserver
@@ -348,6 +403,7 @@ status() {
     if running "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; fi
   done
   if rabbitmqctl_ -q status >/dev/null 2>&1; then echo "rabbitmq: running (amqp://127.0.0.1:$AMQP_PORT)"; else echo "rabbitmq: stopped"; fi
+  if [ -f "$PG_DIR/data/postmaster.pid" ]; then echo "postgres: running (127.0.0.1:$PG_PORT, hack/cluster.sh psql)"; else echo "postgres: stopped"; fi
   echo "kubeconfig: $KUBECONFIG_PATH"
 }
 
@@ -359,6 +415,9 @@ case "${1:-}" in
   vhost) vhost "${2:?vhost name}" ;;
   rabbitmq-up) rabbitmq_up ;;     # just the broker (with DISHPATCH_DEV_DIR/DISHPATCH_AMQP_PORT: a second one)
   rabbitmq-down) rabbitmq_down ;;
+  postgres-up) postgres_up ;;
+  postgres-down) postgres_down ;;
+  psql) exec env PGPASSWORD="$(cat "$PG_DIR/password")" "$(pg_bin)/psql" -h 127.0.0.1 -p "$PG_PORT" -U dishpatch dishpatch ;;
   down) down ;;
   status) status ;;
   clean) down; rm -rf "$DEV" ;;

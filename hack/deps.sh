@@ -12,6 +12,8 @@ python3 -c 'import ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # The façade's browser test drives Debian's Chromium headless.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v npm >/dev/null || need_apt+=(npm)
+# PostgreSQL holds the order history (`make up`, and the history tests).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "deps: installing ${need_apt[*]}" >&2
   apt-get update -qq
