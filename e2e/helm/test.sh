@@ -83,6 +83,18 @@ static() {
     die "OTEL_EXPORTER_OTLP_ENDPOINT is set with no otel.endpoint"
   ok "otel.endpoint sets OTEL_EXPORTER_OTLP_ENDPOINT in all 6 Deployments, and none without it"
 
+  # archive.existingSecret gives the operator and the façade (only) the history database's URL
+  local history
+  history=$(helm template t "$CHART" --set archive.existingSecret=dishpatch-history --show-only templates/deployments.yaml)
+  n=$(grep -c 'name: DISHPATCH_ARCHIVE_URL' <<<"$history" || true)
+  [ "$n" = 2 ] || die "archive.existingSecret reached $n Deployments, want 2 (operator, façade)"
+  grep -A4 'name: DISHPATCH_ARCHIVE_URL' <<<"$history" | grep -q 'name: dishpatch-history' ||
+    die "DISHPATCH_ARCHIVE_URL does not come from the archive Secret"
+  ! helm template t "$CHART" --show-only templates/deployments.yaml | grep -q DISHPATCH_ARCHIVE_URL ||
+    die "DISHPATCH_ARCHIVE_URL is set with no archive.existingSecret"
+  refuse "at '/archive/existingSecret'" --set archive.existingSecret=Not_A_Name
+  ok "archive.existingSecret reaches the operator and the façade only, from the Secret, and none without it"
+
   # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
   local rendered; rendered=$(mktemp)
   helm template t "$CHART" --show-only templates/crds.yaml >"$rendered"
