@@ -265,7 +265,10 @@ async fn an_order_past_its_retention_leaves_etcd_and_stays_in_the_customers_hist
             if view["phase"] == "Delivered" {
                 break view;
             }
-            assert!(Instant::now() < deadline, "the façade never showed {name} delivered");
+            assert!(
+                Instant::now() < deadline,
+                "the façade never showed {name} delivered"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         last_live.push((name.clone(), delivered, view));

@@ -692,6 +692,39 @@ mod tests {
     }
 
     #[test]
+    fn a_date_range_includes_its_start_and_excludes_its_end() {
+        let mut o = dishpatch_testkit::fixtures::order("o-1", "roma", &[("pizza", 1)]);
+        let at = |t: &str| t.parse::<jiff::Timestamp>().unwrap_or_default();
+        o.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            at("2026-12-01T10:00:00Z"),
+        ));
+        let range = |from: Option<&str>, before: Option<&str>| dishpatch_archive::Filter {
+            created_from: from.map(at),
+            created_before: before.map(at),
+            ..Default::default()
+        };
+        assert!(created_within(&o, &range(None, None)));
+        assert!(created_within(
+            &o,
+            &range(Some("2026-12-01T10:00:00Z"), None)
+        ));
+        assert!(!created_within(
+            &o,
+            &range(Some("2026-12-01T10:00:01Z"), None)
+        ));
+        assert!(!created_within(
+            &o,
+            &range(None, Some("2026-12-01T10:00:00Z"))
+        ));
+        assert!(created_within(
+            &o,
+            &range(None, Some("2026-12-01T10:00:01Z"))
+        ));
+        assert!(timestamp_param("createdFrom", Some("yesterday")).is_err());
+        assert_eq!(timestamp_param("createdFrom", None).ok(), Some(None));
+    }
+
+    #[test]
     fn only_object_names_reach_the_apiserver() {
         assert!(is_object_name("o-abc12"));
         assert!(is_object_name(&order_name("cust-1", "k1")));
