@@ -21,14 +21,9 @@ use dishpatch_messaging::trace;
 use dishpatch_testkit::{
     TestNamespace, amqp_vhost, cache_dir, client, ensure_crds, fixtures, workspace_root,
 };
-use http_body_util::{BodyExt, Full};
-use hyper::Request;
-use hyper::body::Bytes;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::rt::TokioExecutor;
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
-use procs::{Spec, free_port, http_get};
+use procs::{Spec, free_port, http, http_get};
 use serde_json::Value;
 
 const SERVICES: [&str; 6] = [
@@ -39,21 +34,6 @@ const SERVICES: [&str; 6] = [
     "dishpatch-delivery",
     "dishpatch-notification",
 ];
-
-async fn http(method: &str, url: String, headers: &[(&str, &str)], body: String) -> (u16, String) {
-    let client: HttpClient<_, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
-    let mut req = Request::builder().method(method).uri(url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let response = client
-        .request(req.body(Full::new(Bytes::from(body))).unwrap())
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
 
 /// Jaeger on ports of its own, with the project's config.
 fn start_jaeger(otlp: SocketAddr, query: SocketAddr, health: SocketAddr) -> tokio::process::Child {

@@ -35,6 +35,9 @@ pub fn money_outstanding(status: &OrderStatus) -> Option<&'static str> {
         .is_some_and(|d| d.state == DeliveryState::Delivered);
     match status.payment.as_ref().map(|p| p.state) {
         Some(PaymentState::Pending) => Some("the charge's outcome is not recorded yet"),
+        Some(PaymentState::RequiresAction) => {
+            Some("the charge waits for the customer's authentication and is not cancelled yet")
+        }
         Some(PaymentState::Succeeded) if !delivered => Some("the charge is not refunded yet"),
         _ => None,
     }
@@ -42,10 +45,12 @@ pub fn money_outstanding(status: &OrderStatus) -> Option<&'static str> {
 
 /// Whether a cancelled order still waits for a worker to undo something.
 pub fn compensation_outstanding(status: &OrderStatus) -> bool {
-    let charged = status
-        .payment
-        .as_ref()
-        .is_some_and(|p| matches!(p.state, PaymentState::Succeeded | PaymentState::Pending));
+    let charged = status.payment.as_ref().is_some_and(|p| {
+        matches!(
+            p.state,
+            PaymentState::Succeeded | PaymentState::Pending | PaymentState::RequiresAction
+        )
+    });
     let cooking = status
         .kitchen
         .as_ref()
@@ -163,14 +168,8 @@ mod tests {
             "nothing to undo"
         );
         st.payment = Some(dishpatch_api::order::PaymentStatus {
-            state: PaymentState::Succeeded,
-            provider: "simulated".into(),
-            payment_id: None,
-            amount: None,
             charged_at: Some(Time(at(60))),
-            failure_reason: None,
-            refund_id: None,
-            refunded_at: None,
+            ..dishpatch_api::order::PaymentStatus::new(PaymentState::Succeeded, "simulated")
         });
         set_condition(
             &mut st.conditions,
@@ -195,19 +194,14 @@ mod tests {
         let mut st = OrderStatus::default();
         assert_eq!(money_outstanding(&st), None, "never charged");
         let mut pay = |state| {
-            st.payment = Some(dishpatch_api::order::PaymentStatus {
-                state,
-                provider: "simulated".into(),
-                payment_id: None,
-                amount: None,
-                charged_at: None,
-                failure_reason: None,
-                refund_id: None,
-                refunded_at: None,
-            });
+            st.payment = Some(dishpatch_api::order::PaymentStatus::new(state, "simulated"));
             money_outstanding(&st).is_some()
         };
         assert!(pay(PaymentState::Pending), "a charge may be in flight");
+        assert!(
+            pay(PaymentState::RequiresAction),
+            "the customer may still authorise it"
+        );
         assert!(pay(PaymentState::Succeeded), "charged, not refunded");
         assert!(!pay(PaymentState::Failed));
         assert!(!pay(PaymentState::Refunded));

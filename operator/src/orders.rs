@@ -620,6 +620,38 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
         );
     }
 
+    // A charge that waits for the customer shows where to complete it, until
+    // the provider settles it (its webhook) or the payment deadline cancels.
+    match status
+        .payment
+        .as_ref()
+        .filter(|p| p.state == PaymentState::RequiresAction)
+    {
+        Some(p) if phase != OrderPhase::Cancelled => {
+            let message = match &p.action_url {
+                Some(url) => format!("the customer completes the payment at {url}"),
+                None => "the customer completes the payment in the provider's flow".to_string(),
+            };
+            owned.set(
+                condition::PAYMENT_ACTION_REQUIRED,
+                true,
+                reason::REQUIRES_ACTION,
+                &message,
+                generation,
+                &t,
+            );
+        }
+        _ if owned.is(condition::PAYMENT_ACTION_REQUIRED, "True") => owned.set(
+            condition::PAYMENT_ACTION_REQUIRED,
+            false,
+            reason::PAYMENT_SETTLED,
+            "the payment no longer waits for the customer",
+            generation,
+            &t,
+        ),
+        _ => {}
+    }
+
     // Events only for what a person may act on: the happy path's steps are
     // in the conditions and stage sections already, each with its time, and
     // an Event per step would be most of an order's API writes.

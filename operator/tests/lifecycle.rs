@@ -533,3 +533,68 @@ async fn stage_reports_drive_the_phase_side_by_side() {
     let status = bed.restaurant("roma").await.status.unwrap();
     assert_eq!((status.inventory[0].reserved, status.holds.len()), (1, 0));
 }
+
+#[tokio::test]
+async fn a_charge_waiting_for_the_customer_is_a_condition_until_it_settles() {
+    let bed = Bed::new("action").await;
+    let _op = bed.operator("op-1", &[]);
+    bed.create_restaurant(fixtures::restaurant("roma", true, None))
+        .await;
+    bed.create_order(fixtures::order("o1", "roma", &[("pizza", 1)]))
+        .await;
+    bed.wait_order("o1", T, "acceptance", |o| {
+        phase(o) == Some(OrderPhase::Accepted)
+    })
+    .await;
+    let pay = |body: serde_json::Value| {
+        let api = bed.orders();
+        async move {
+            let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order", "status": {"payment": body}});
+            api.patch_status(
+                "o1",
+                &PatchParams::apply("dishpatch-payment").force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // 3-D Secure: the provider waits for the customer at a page.
+    pay(
+        json!({"state": "RequiresAction", "provider": "stripe", "paymentId": "pi_3ds",
+               "actionUrl": "https://hooks.stripe.com/3d_secure_2/authenticate/pi_3ds"}),
+    )
+    .await;
+    let o = bed
+        .wait_order("o1", T, "the action condition", |o| {
+            condition(o, "PaymentActionRequired").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(
+        phase(&o),
+        Some(OrderPhase::Accepted),
+        "not paid while waiting"
+    );
+    let c = condition(&o, "PaymentActionRequired").unwrap();
+    assert_eq!(c.reason, "RequiresAction");
+    assert!(
+        c.message
+            .contains("https://hooks.stripe.com/3d_secure_2/authenticate/pi_3ds"),
+        "{}",
+        c.message
+    );
+    // The webhook settles it: paid, and the condition says it no longer waits.
+    let now = jiff::Timestamp::now().to_string();
+    pay(json!({"state": "Succeeded", "provider": "stripe", "paymentId": "pi_3ds", "chargedAt": now}))
+        .await;
+    let o = bed
+        .wait_order("o1", T, "Paid", |o| {
+            phase(o) == Some(OrderPhase::Paid)
+                && condition(o, "PaymentActionRequired").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    assert_eq!(
+        condition(&o, "PaymentActionRequired").unwrap().reason,
+        "PaymentSettled"
+    );
+}

@@ -17,6 +17,9 @@ pub mod condition {
     /// True when undoing a called-off order (a refund, a charge to settle)
     /// kept failing and the operator stopped retrying: a person must act.
     pub const COMPENSATION_FAILED: &str = "CompensationFailed";
+    /// True while the charge waits for the customer (3-D Secure): the
+    /// message says where to complete it. False once the provider settled it.
+    pub const PAYMENT_ACTION_REQUIRED: &str = "PaymentActionRequired";
 }
 
 /// Annotations people set on an Order.
@@ -49,6 +52,8 @@ pub mod reason {
     pub const COMPENSATION_EXHAUSTED: &str = "CompensationExhausted";
     pub const COMPENSATED: &str = "Compensated";
     pub const RESOLVED_BY_HAND: &str = "ResolvedByHand";
+    pub const REQUIRES_ACTION: &str = "RequiresAction";
+    pub const PAYMENT_SETTLED: &str = "PaymentSettled";
     /// Event: the order history database did not take the order, so its delete waits.
     pub const ARCHIVE_FAILED: &str = "ArchiveFailed";
 }
@@ -425,6 +430,7 @@ mod tests {
             any::<bool>(),
             prop::option::of(prop::sample::select(vec![
                 PaymentState::Pending,
+                PaymentState::RequiresAction,
                 PaymentState::Succeeded,
                 PaymentState::Failed,
                 PaymentState::Refunded,

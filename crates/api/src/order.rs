@@ -297,6 +297,10 @@ pub enum PaymentState {
     /// before the provider is called, so money can never move for an order
     /// that shows no payment: deletion and cancellation wait for it to settle.
     Pending,
+    /// The provider waits for the customer (3-D Secure, a bank's page):
+    /// `actionUrl` says where. The provider's webhook settles it, or the
+    /// payment deadline cancels the order and the intent with it.
+    RequiresAction,
     Succeeded,
     Failed,
     Refunded,
@@ -331,6 +335,42 @@ pub struct PaymentStatus {
     /// When the charge was refunded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refunded_at: Option<Time>,
+    /// Where the customer completes the payment, while `RequiresAction`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048))]
+    pub action_url: Option<String>,
+    /// When the customer's bank opened a dispute over the charge.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disputed_at: Option<Time>,
+    /// The dispute's reason, as the provider gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub dispute_reason: Option<String>,
+    /// Ids of the provider's webhook events applied, newest last (the last
+    /// 32): a redelivered event is recognised and applied once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32), inner(length(max = 255)))]
+    pub webhook_events: Vec<String>,
+}
+
+impl PaymentStatus {
+    /// A payment section in `state` from `provider`, with no other facts yet.
+    pub fn new(state: PaymentState, provider: &str) -> Self {
+        Self {
+            state,
+            provider: provider.to_string(),
+            payment_id: None,
+            amount: None,
+            charged_at: None,
+            failure_reason: None,
+            refund_id: None,
+            refunded_at: None,
+            action_url: None,
+            disputed_at: None,
+            dispute_reason: None,
+            webhook_events: Vec::new(),
+        }
+    }
 }
 
 /// Where the order is in the kitchen.

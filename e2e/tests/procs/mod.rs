@@ -12,6 +12,11 @@ use dishpatch_messaging::{SERVICE_QUEUES, dead_letter_queue};
 use dishpatch_testkit::net::parse_response;
 pub use dishpatch_testkit::net::{free_port, http_get};
 use dishpatch_testkit::{binary, kubeconfig_path};
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper::body::Bytes;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -86,7 +91,8 @@ impl Spec<'_> {
             "operator" => {
                 cmd.args(["--namespace", self.namespace, "--identity", "e2e"]);
             }
-            "payment" => {
+            // The simulated gateway unless `extra` chooses one.
+            "payment" if !extra.contains(&"--gateway") => {
                 cmd.args(["--gateway", "simulated", "--ledger"])
                     .arg(self.ledger);
             }
@@ -248,6 +254,28 @@ pub async fn queue_depths(amqp_url: &str) -> Vec<(String, u32, u32)> {
     }
     let _ = conn.close(200, "done".into()).await;
     out
+}
+
+/// An HTTP/1.1 request through hyper (any response framing, chunked
+/// included): (status, body).
+pub async fn http(
+    method: &str,
+    url: String,
+    headers: &[(&str, &str)],
+    body: String,
+) -> (u16, String) {
+    let client: HttpClient<_, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
+    let mut req = Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let response = client
+        .request(req.body(Full::new(Bytes::from(body))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// A bare HTTP/1.1 request with a JSON body on loopback (none for

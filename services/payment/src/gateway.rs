@@ -9,6 +9,8 @@ pub struct ChargeRequest {
     /// Derived from the order's uid: the same order is never charged twice.
     pub idempotency_key: String,
     pub order_uid: String,
+    /// The order, for the provider's metadata (its webhooks name it).
+    pub order: dishpatch_api::events::OrderRef,
     pub amount: i64,
     pub currency: String,
     /// A provider token (`tok_…`, `pm_…`); never card data.
@@ -31,6 +33,13 @@ pub struct RefundRequest {
 pub enum ChargeOutcome {
     Succeeded {
         payment_id: String,
+    },
+    /// The provider waits for the customer (3-D Secure): the outcome comes
+    /// later, by webhook (or a later [`PaymentGateway::lookup`]).
+    RequiresAction {
+        payment_id: String,
+        /// Where the customer completes it, when the provider gives a page.
+        url: Option<String>,
     },
     /// The card was refused: a final answer, not an error.
     Declined {
@@ -56,6 +65,16 @@ pub trait PaymentGateway: Send + Sync {
     fn charge<'a>(&'a self, req: &'a ChargeRequest) -> GatewayFuture<'a, ChargeOutcome>;
     /// Returns the refund's id.
     fn refund<'a>(&'a self, req: &'a RefundRequest) -> GatewayFuture<'a, String>;
+    /// Where a charge that waited for the customer stands now (`None`: still
+    /// waiting). Gateways that never wait have nothing to look up.
+    fn lookup<'a>(&'a self, _payment_id: &'a str) -> GatewayFuture<'a, Option<ChargeOutcome>> {
+        Box::pin(async { Ok(None) })
+    }
+    /// Calls off a charge that still waits for the customer, so it can never
+    /// complete.
+    fn cancel<'a>(&'a self, _payment_id: &'a str) -> GatewayFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
     /// Whether this replica can record money moving at all (`Err` says why
     /// not): a local ledger that can't be written is a fault of the replica,
     /// not of the order. A remote provider's errors are per request.

@@ -68,14 +68,8 @@ impl Payment {
         traceparent: &str,
     ) -> Result<(), HandleError> {
         let status = PaymentStatus {
-            state: PaymentState::Failed,
-            provider: self.gateway.name().into(),
-            payment_id: None,
-            amount: None,
-            charged_at: None,
             failure_reason: Some(reason.clone()),
-            refund_id: None,
-            refunded_at: None,
+            ..PaymentStatus::new(PaymentState::Failed, self.gateway.name())
         };
         self.access
             .write(
@@ -92,24 +86,20 @@ impl Payment {
     fn outcome_status(&self, total: &Money, outcome: &ChargeOutcome) -> PaymentStatus {
         match outcome {
             ChargeOutcome::Succeeded { payment_id } => PaymentStatus {
-                state: PaymentState::Succeeded,
-                provider: self.gateway.name().into(),
                 payment_id: Some(payment_id.clone()),
                 amount: Some(total.clone()),
                 charged_at: Some(Time(jiff::Timestamp::now())),
-                failure_reason: None,
-                refund_id: None,
-                refunded_at: None,
+                ..PaymentStatus::new(PaymentState::Succeeded, self.gateway.name())
+            },
+            ChargeOutcome::RequiresAction { payment_id, url } => PaymentStatus {
+                payment_id: Some(payment_id.clone()),
+                amount: Some(total.clone()),
+                action_url: url.clone(),
+                ..PaymentStatus::new(PaymentState::RequiresAction, self.gateway.name())
             },
             ChargeOutcome::Declined { reason } => PaymentStatus {
-                state: PaymentState::Failed,
-                provider: self.gateway.name().into(),
-                payment_id: None,
-                amount: None,
-                charged_at: None,
                 failure_reason: Some(reason.clone()),
-                refund_id: None,
-                refunded_at: None,
+                ..PaymentStatus::new(PaymentState::Failed, self.gateway.name())
             },
         }
     }
@@ -128,6 +118,7 @@ impl Payment {
         let req = ChargeRequest {
             idempotency_key: format!("{}:charge", r.uid),
             order_uid: r.uid.clone(),
+            order: r.clone(),
             amount: total.amount,
             currency: total.currency.clone(),
             token,
@@ -167,6 +158,9 @@ impl Payment {
             // Already handled: the event may not have gone out before a crash.
             let kind = match p.state {
                 PaymentState::Pending => return self.resolve(order, r, traceparent).await,
+                PaymentState::RequiresAction => {
+                    return self.look_again(order, r, traceparent).await;
+                }
                 PaymentState::Succeeded => EventType::PaymentSucceeded,
                 PaymentState::Failed => EventType::PaymentFailed,
                 PaymentState::Refunded => return Ok(()),
@@ -198,14 +192,8 @@ impl Payment {
         // write is refused and nothing is charged. Once it is there, deletion
         // and cancellation wait until the charge is settled.
         let pending = PaymentStatus {
-            state: PaymentState::Pending,
-            provider: self.gateway.name().into(),
-            payment_id: None,
             amount: Some(total.clone()),
-            charged_at: None,
-            failure_reason: None,
-            refund_id: None,
-            refunded_at: None,
+            ..PaymentStatus::new(PaymentState::Pending, self.gateway.name())
         };
         let Some(order) = self
             .access
@@ -232,7 +220,9 @@ impl Payment {
         let kind = match status.state {
             PaymentState::Succeeded => EventType::PaymentSucceeded,
             PaymentState::Failed => EventType::PaymentFailed,
-            PaymentState::Pending | PaymentState::Refunded => return Ok(()),
+            PaymentState::Pending | PaymentState::RequiresAction | PaymentState::Refunded => {
+                return Ok(());
+            }
         };
         self.access
             .publish(r, kind, status.failure_reason.clone(), traceparent)
@@ -267,6 +257,71 @@ impl Payment {
         match self.settle_charge(order, r, &total, token).await? {
             Some((_, status)) => self.announce(r, &status, traceparent).await,
             None => Ok(()),
+        }
+    }
+
+    /// A charge that waits for the customer, when its order's event comes
+    /// again (the payment deadline): the webhook may have been lost, so ask
+    /// the provider where it stands, and record it if it settled.
+    async fn look_again(
+        &self,
+        order: Order,
+        r: &OrderRef,
+        traceparent: &str,
+    ) -> Result<(), HandleError> {
+        let Some(payment) = order.status.as_ref().and_then(|s| s.payment.clone()) else {
+            return Ok(());
+        };
+        let Some(payment_id) = payment.payment_id.clone() else {
+            return Ok(());
+        };
+        let Some(outcome) = self.gateway.lookup(&payment_id).await? else {
+            return Ok(()); // still waiting for the customer
+        };
+        let Some(total) = payment.amount.clone() else {
+            return Err(HandleError::Permanent(
+                "a waiting payment without an amount".into(),
+            ));
+        };
+        let mut status = self.outcome_status(&total, &outcome);
+        status.webhook_events = payment.webhook_events.clone();
+        match self
+            .access
+            .write_if_unchanged(&order, to_value(&status)?)
+            .await?
+        {
+            Some(_) => self.announce(r, &status, traceparent).await,
+            None => Err(HandleError::Retryable(
+                "the order changed while looking at its charge".into(),
+            )),
+        }
+    }
+
+    /// Calls off a charge that waits for the customer: the intent is
+    /// cancelled at the provider, so it can never complete, and recorded
+    /// as failed.
+    async fn call_off(&self, order: &Order, payment: PaymentStatus) -> Result<(), HandleError> {
+        if let Some(id) = &payment.payment_id {
+            self.gateway.cancel(id).await?;
+        }
+        let status = PaymentStatus {
+            state: PaymentState::Failed,
+            action_url: None,
+            failure_reason: Some(
+                "called off while waiting for the customer; the payment intent was cancelled"
+                    .into(),
+            ),
+            ..payment
+        };
+        match self
+            .access
+            .write_if_unchanged(order, to_value(&status)?)
+            .await?
+        {
+            Some(_) => Ok(()),
+            None => Err(HandleError::Retryable(
+                "the order changed while calling off its charge".into(),
+            )),
         }
     }
 
@@ -308,6 +363,7 @@ impl Payment {
         };
         match payment.state {
             PaymentState::Failed => return Ok(()),
+            PaymentState::RequiresAction => return self.call_off(&order, payment).await,
             PaymentState::Pending => {
                 return Err(HandleError::Retryable(
                     "the charge is not settled yet".into(),

@@ -4,6 +4,7 @@ mod gateway;
 mod handler;
 mod simulated;
 mod stripe;
+mod webhook;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -64,6 +65,15 @@ struct Args {
     /// File holding the Stripe secret key (or set STRIPE_API_KEY).
     #[arg(long, env = "STRIPE_API_KEY_FILE")]
     stripe_key_file: Option<PathBuf>,
+    /// Serve Stripe's webhooks (`POST /webhooks/stripe`) on this address
+    /// (with --gateway stripe). Unset: no webhooks; a charge that waits for
+    /// the customer is looked up again at each payment deadline.
+    #[arg(long, env = "DISHPATCH_STRIPE_WEBHOOK_LISTEN")]
+    stripe_webhook_listen: Option<std::net::SocketAddr>,
+    /// File holding the webhook endpoint's signing secret (`whsec_…`; or set
+    /// STRIPE_WEBHOOK_SECRET).
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET_FILE")]
+    stripe_webhook_secret_file: Option<PathBuf>,
 }
 
 const STAGE: Stage = Stage {
@@ -75,24 +85,49 @@ const STAGE: Stage = Stage {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let Command::Run(args) = Cli::parse().command;
+    let mut stripe_gateway = None;
     let gateway: Arc<dyn gateway::PaymentGateway> = match args.gateway {
         GatewayKind::Simulated => Arc::new(
             simulated::Simulated::new(args.ledger.clone()).with_latency(args.simulated_latency),
         ),
         GatewayKind::Stripe => {
-            let key = match &args.stripe_key_file {
-                Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
-                None => std::env::var("STRIPE_API_KEY")
-                    .context("set STRIPE_API_KEY or --stripe-key-file")?,
-            };
-            Arc::new(stripe::Stripe::new(
-                &args.stripe_url,
-                key.trim().to_string(),
-            )?)
+            let key = secret(
+                args.stripe_key_file.as_ref(),
+                "STRIPE_API_KEY",
+                "--stripe-key-file",
+            )?;
+            let s = Arc::new(stripe::Stripe::new(&args.stripe_url, key)?);
+            stripe_gateway = Some(s.clone());
+            s
         }
     };
+    let webhooks = match (args.stripe_webhook_listen, stripe_gateway) {
+        (None, _) => None,
+        (Some(_), None) => anyhow::bail!("--stripe-webhook-listen needs --gateway stripe"),
+        (Some(addr), Some(stripe)) => Some((
+            addr,
+            stripe,
+            secret(
+                args.stripe_webhook_secret_file.as_ref(),
+                "STRIPE_WEBHOOK_SECRET",
+                "--stripe-webhook-secret-file",
+            )?,
+        )),
+    };
     serve(STAGE, args.common, |parts| async move {
+        if let Some((addr, stripe, secret)) = webhooks {
+            let router = webhook::router(Arc::new(webhook::Webhooks {
+                access: parts.access.clone(),
+                stripe,
+                secret,
+            }));
+            let shutdown = parts.shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = dishpatch_runtime::serve(addr, router, shutdown).await {
+                    tracing::error!(error = %e, %addr, "the Stripe webhook listener stopped");
+                }
+            });
+        }
         Ok(handler::Payment {
             access: parts.access,
             gateway,
@@ -100,6 +135,17 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// A secret from its file, else from the environment variable.
+fn secret(file: Option<&PathBuf>, var: &str, flag: &str) -> anyhow::Result<String> {
+    let value = match file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => std::env::var(var).with_context(|| format!("set {var} or {flag}"))?,
+    };
+    Ok(value.trim().to_string())
 }
 
 #[cfg(test)]

@@ -236,6 +236,11 @@ mod tests {
         ChargeRequest {
             idempotency_key: key.into(),
             order_uid: "u".into(),
+            order: dishpatch_api::events::OrderRef {
+                namespace: "ns".into(),
+                name: "o".into(),
+                uid: "u".into(),
+            },
             amount: 100,
             currency: "EUR".into(),
             token: token.into(),

@@ -12,6 +12,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 
+use dishpatch_api::events::OrderRef;
+
 use crate::gateway::{
     ChargeOutcome, ChargeRequest, GatewayError, GatewayFuture, PaymentGateway, RefundRequest,
 };
@@ -30,6 +32,56 @@ struct PaymentIntent {
     status: String,
     #[serde(default)]
     last_payment_error: Option<StripeError>,
+    #[serde(default)]
+    next_action: Option<NextAction>,
+    #[serde(default)]
+    metadata: std::collections::HashMap<String, String>,
+}
+
+#[derive(Deserialize)]
+struct NextAction {
+    #[serde(default)]
+    redirect_to_url: Option<RedirectToUrl>,
+}
+
+#[derive(Deserialize)]
+struct RedirectToUrl {
+    #[serde(default)]
+    url: Option<String>,
+}
+
+impl PaymentIntent {
+    /// What the intent's status means for the order.
+    fn outcome(self) -> Option<ChargeOutcome> {
+        Some(match self.status.as_str() {
+            "succeeded" | "processing" | "requires_capture" => ChargeOutcome::Succeeded {
+                payment_id: self.id,
+            },
+            "requires_action" => ChargeOutcome::RequiresAction {
+                url: self
+                    .next_action
+                    .and_then(|a| a.redirect_to_url)
+                    .and_then(|r| r.url),
+                payment_id: self.id,
+            },
+            other => ChargeOutcome::Declined {
+                reason: self
+                    .last_payment_error
+                    .and_then(|e| e.message)
+                    .unwrap_or_else(|| format!("payment intent {} is {other}", self.id)),
+            },
+        })
+    }
+}
+
+/// The order a PaymentIntent was made for (from the metadata the charge
+/// sets), to route the provider's webhooks.
+pub fn order_of(metadata: &std::collections::HashMap<String, String>) -> Option<OrderRef> {
+    Some(OrderRef {
+        namespace: metadata.get("order_namespace")?.clone(),
+        name: metadata.get("order_name")?.clone(),
+        uid: metadata.get("order_uid")?.clone(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -53,6 +105,14 @@ struct StripeError {
 #[derive(Deserialize)]
 struct ErrorBody {
     error: StripeError,
+}
+
+/// An id as one URL path segment: Stripe ids are `[A-Za-z0-9_]`; anything
+/// else is dropped rather than let it address another path.
+fn path_segment(id: &str) -> String {
+    id.chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
 }
 
 /// `application/x-www-form-urlencoded`, as Stripe's API wants.
@@ -111,6 +171,46 @@ impl Stripe {
             .header("Idempotency-Key", key)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| GatewayError::Permanent(e.to_string()))?;
+        self.send(req).await
+    }
+
+    #[tracing::instrument(name = "stripe", skip_all, fields(
+        otel.name = %format!("GET {path}"),
+        otel.kind = "client",
+        http.request.method = "GET",
+        url.path = %path,
+        http.response.status_code = tracing::field::Empty,
+    ))]
+    async fn get<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<(StatusCode, Result<T, StripeError>), GatewayError> {
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("{}{path}", self.base))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.api_key))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| GatewayError::Permanent(e.to_string()))?;
+        self.send(req).await
+    }
+
+    /// The order a PaymentIntent belongs to, from its metadata: charge and
+    /// dispute webhooks name only the intent.
+    pub async fn intent_order(&self, id: &str) -> Result<Option<OrderRef>, GatewayError> {
+        match self
+            .get::<PaymentIntent>(&format!("/v1/payment_intents/{}", path_segment(id)))
+            .await?
+        {
+            (_, Ok(pi)) => Ok(order_of(&pi.metadata)),
+            (StatusCode::NOT_FOUND, Err(_)) => Ok(None),
+            (status, Err(e)) => Err(classify(status, e)),
+        }
+    }
+
+    async fn send<T: for<'de> Deserialize<'de>>(
+        &self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<(StatusCode, Result<T, StripeError>), GatewayError> {
         let response = tokio::time::timeout(TIMEOUT, self.client.request(req))
             .await
             .map_err(|_| GatewayError::Retryable("stripe did not answer in time".into()))?
@@ -192,23 +292,18 @@ impl PaymentGateway for Stripe {
                 ("payment_method_types[]", "card"),
                 ("payment_method", payment_method.as_str()),
                 ("description", req.description.as_str()),
+                // Webhooks find the order by these.
                 ("metadata[order_uid]", req.order_uid.as_str()),
+                ("metadata[order_namespace]", req.order.namespace.as_str()),
+                ("metadata[order_name]", req.order.name.as_str()),
             ];
             let (status, answer) = self
                 .post::<PaymentIntent>("/v1/payment_intents", &req.idempotency_key, form(&fields))
                 .await?;
             match answer {
-                Ok(pi) => Ok(match pi.status.as_str() {
-                    "succeeded" | "processing" | "requires_capture" => {
-                        ChargeOutcome::Succeeded { payment_id: pi.id }
-                    }
-                    other => ChargeOutcome::Declined {
-                        reason: pi
-                            .last_payment_error
-                            .and_then(|e| e.message)
-                            .unwrap_or_else(|| format!("payment intent {} is {other}", pi.id)),
-                    },
-                }),
+                Ok(pi) => Ok(pi.outcome().unwrap_or(ChargeOutcome::Declined {
+                    reason: "unreadable payment intent".into(),
+                })),
                 // A card error (402) is an answer: the card was declined.
                 Err(e) if status == StatusCode::PAYMENT_REQUIRED => Ok(ChargeOutcome::Declined {
                     reason: e
@@ -216,6 +311,32 @@ impl PaymentGateway for Stripe {
                         .unwrap_or_else(|| "Your card was declined.".into()),
                 }),
                 Err(e) => Err(classify(status, e)),
+            }
+        })
+    }
+
+    fn lookup<'a>(&'a self, payment_id: &'a str) -> GatewayFuture<'a, Option<ChargeOutcome>> {
+        Box::pin(async move {
+            let path = format!("/v1/payment_intents/{}", path_segment(payment_id));
+            match self.get::<PaymentIntent>(&path).await? {
+                (_, Ok(pi)) => Ok(pi
+                    .outcome()
+                    .filter(|o| !matches!(o, ChargeOutcome::RequiresAction { .. }))),
+                (status, Err(e)) => Err(classify(status, e)),
+            }
+        })
+    }
+
+    fn cancel<'a>(&'a self, payment_id: &'a str) -> GatewayFuture<'a, ()> {
+        Box::pin(async move {
+            let path = format!("/v1/payment_intents/{}/cancel", path_segment(payment_id));
+            let key = format!("{payment_id}:cancel");
+            match self
+                .post::<PaymentIntent>(&path, &key, String::new())
+                .await?
+            {
+                (_, Ok(_)) => Ok(()),
+                (status, Err(e)) => Err(classify(status, e)),
             }
         })
     }
@@ -298,6 +419,11 @@ mod tests {
         ChargeRequest {
             idempotency_key: key.into(),
             order_uid: "0b9e4c1e-7f39-4b56-9d55-1f0c1e2d3a4b".into(),
+            order: OrderRef {
+                namespace: "test".into(),
+                name: "o1".into(),
+                uid: "0b9e4c1e-7f39-4b56-9d55-1f0c1e2d3a4b".into(),
+            },
             amount: 2500,
             currency: currency.into(),
             token: token.into(),
@@ -317,6 +443,9 @@ mod tests {
                 // (`requires_payment_method`); a real account answers `succeeded`.
                 ChargeOutcome::Succeeded { payment_id } => assert!(payment_id.starts_with("pi_")),
                 ChargeOutcome::Declined { reason } => assert!(reason.contains("pi_"), "{reason}"),
+                ChargeOutcome::RequiresAction { payment_id, .. } => {
+                    assert!(payment_id.starts_with("pi_"))
+                }
             }
         }
         let refund = stripe
