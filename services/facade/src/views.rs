@@ -191,12 +191,16 @@ pub struct ShiftBody {
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PaymentView {
-    /// `Succeeded`, `Failed` or `Refunded`.
+    /// `Pending`, `RequiresAction`, `Succeeded`, `Failed` or `Refunded`.
     pub state: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub amount: Option<MoneyView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// While `RequiresAction`: the page where the customer completes the
+    /// payment (3-D Secure).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, ToSchema)]
@@ -379,6 +383,10 @@ impl From<&Order> for OrderView {
                     state: debug_name::<PaymentState>(p.state),
                     amount: p.amount.as_ref().map(MoneyView::from),
                     failure_reason: p.failure_reason.clone(),
+                    action_url: p
+                        .action_url
+                        .clone()
+                        .filter(|_| p.state == PaymentState::RequiresAction),
                 }),
             kitchen: status
                 .and_then(|s| s.kitchen.as_ref())
