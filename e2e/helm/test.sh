@@ -95,6 +95,20 @@ static() {
   refuse "at '/archive/existingSecret'" --set archive.existingSecret=Not_A_Name
   ok "archive.existingSecret reaches the operator and the façade only, from the Secret, and none without it"
 
+  # Stripe webhooks: the listener, its Secret key, Service, Ingress path and NetworkPolicy port, all or nothing
+  local hooks=(--set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x --set payment.stripe.webhook.enabled=true
+    --set payment.stripe.webhook.webhookSecret=whsec_test --set facade.ingress.enabled=true --set facade.ingress.host=shop.example)
+  local rendered_hooks; rendered_hooks=$(helm template t "$CHART" "${hooks[@]}")
+  for want in '--stripe-webhook-listen=0.0.0.0:8081' 'webhook-secret:' 'name: t-dishpatch-payment-webhooks' \
+    'path: /webhooks/stripe' 'port: webhooks'; do
+    grep -qF -- "$want" <<<"$rendered_hooks" || die "payment.stripe.webhook.enabled renders no '$want'"
+  done
+  ! helm template t "$CHART" --set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x | grep -qE 'stripe-webhook|payment-webhooks|webhook-secret' ||
+    die "webhook objects rendered without payment.stripe.webhook.enabled"
+  refuse "payment.stripe.webhook.webhookSecret" --set payment.gateway=stripe --set payment.stripe.apiKey=sk_test_x --set payment.stripe.webhook.enabled=true
+  refuse "at '/payment/stripe/webhook/webhookSecret'" --set payment.stripe.webhook.webhookSecret=secret
+  ok "payment.stripe.webhook.enabled renders the listener, Secret key, Service, Ingress path and NetworkPolicy port, and nothing without it"
+
   # CRDs come from crds/ (a symlink, no copy): what the chart renders is what crds/ holds, plus keep
   local rendered; rendered=$(mktemp)
   helm template t "$CHART" --show-only templates/crds.yaml >"$rendered"

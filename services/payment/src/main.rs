@@ -28,6 +28,13 @@ struct Cli {
 enum Command {
     /// Consume order.accepted and order.cancelled.
     Run(Box<Args>),
+    /// Print a `Stripe-Signature` header for the event JSON on stdin, signed
+    /// now with the endpoint secret (to try a webhook with curl).
+    SignWebhook {
+        /// File holding the endpoint's signing secret (or set STRIPE_WEBHOOK_SECRET).
+        #[arg(long, env = "STRIPE_WEBHOOK_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -84,7 +91,22 @@ const STAGE: Stage = Stage {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let Command::Run(args) = Cli::parse().command;
+    let args = match Cli::parse().command {
+        Command::Run(args) => args,
+        Command::SignWebhook { secret_file } => {
+            let secret = secret(
+                secret_file.as_ref(),
+                "STRIPE_WEBHOOK_SECRET",
+                "--secret-file",
+            )?;
+            let payload = std::io::read_to_string(std::io::stdin()).context("reading stdin")?;
+            println!(
+                "{}",
+                stripe_webhook::Webhook::generate_test_header(&payload, &secret, None)
+            );
+            return Ok(());
+        }
+    };
     let mut stripe_gateway = None;
     let gateway: Arc<dyn gateway::PaymentGateway> = match args.gateway {
         GatewayKind::Simulated => Arc::new(
