@@ -65,7 +65,16 @@ pub fn compensation_outstanding(status: &OrderStatus) -> bool {
 /// What the order in `phase` waits for, if anything.
 pub fn awaiting(phase: OrderPhase, status: &OrderStatus) -> Option<Awaiting> {
     let condition_time = |t: &str| find(&status.conditions, t).map(|c| c.last_transition_time.0);
-    let accepted_at = condition_time(condition::ACCEPTED);
+    // At a restaurant that confirms by hand, payment starts at the
+    // confirmation; before it, nothing is awaited from the workers.
+    let confirmation = find(&status.conditions, condition::RESTAURANT_CONFIRMED);
+    if confirmation.is_some_and(|c| c.status == "Unknown") {
+        return None;
+    }
+    let accepted_at = confirmation
+        .filter(|c| c.status == "True")
+        .map(|c| c.last_transition_time.0)
+        .or(condition_time(condition::ACCEPTED));
     let (event, since, cancel_when_exhausted) = match phase {
         OrderPhase::Accepted => (EventType::OrderAccepted, accepted_at?, true),
         OrderPhase::Paid => {

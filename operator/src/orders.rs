@@ -13,7 +13,9 @@ use dishpatch_api::lifecycle::{
     Advance, Facts, Status, advance, annotation, cancellable, condition, find, phase_of, reason,
     set_condition,
 };
-use dishpatch_api::order::{KitchenState, OrderPhase, OrderStatus, PaymentState};
+use dishpatch_api::order::{
+    ConfirmationDecision, KitchenState, OrderPhase, OrderStatus, PaymentState,
+};
 use dishpatch_api::{Money, Order};
 use dishpatch_messaging::trace;
 use jiff::Timestamp;
@@ -355,7 +357,12 @@ fn cancel_message(order: &Order) -> Option<String> {
 }
 
 enum Decision {
-    Accept { total: Money, held: bool },
+    Accept {
+        total: Money,
+        held: bool,
+        /// Staff confirm by hand within this long; payment waits.
+        confirm_within: Option<Duration>,
+    },
     Reject(Rejection),
 }
 
@@ -380,6 +387,7 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
                     Ok(_) => Decision::Accept {
                         total: quote.total,
                         held: inventory::holds(st, &uid),
+                        confirm_within: r.spec.manual_confirmation(),
                     },
                     Err(e) => Decision::Reject(Rejection {
                         reason: reason::OUT_OF_STOCK,
@@ -452,7 +460,11 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
             tracing::info!(order = %name, %namespace, reason = rejection.reason, "rejected");
             Ok(Action::requeue(ctx.config.retention.min(RESYNC)))
         }
-        Decision::Accept { total, held } => {
+        Decision::Accept {
+            total,
+            held,
+            confirm_within,
+        } => {
             owned.phase = Some(OrderPhase::Accepted);
             owned.set(
                 condition::ACCEPTED,
@@ -482,6 +494,23 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
                 );
             }
             owned.total = Some(total.clone());
+            if let Some(within) = confirm_within {
+                // Priced and held; payment waits for the staff's decision.
+                let by = Timestamp::now()
+                    .checked_add(jiff::SignedDuration::try_from(within).unwrap_or_default())
+                    .unwrap_or_else(|_| Timestamp::now());
+                owned.set(
+                    condition::RESTAURANT_CONFIRMED,
+                    Status::Unknown,
+                    reason::AWAITING_CONFIRMATION,
+                    &format!("restaurant {restaurant} confirms or declines by {by}"),
+                    generation,
+                    &now,
+                );
+                write_status(ctx, order, &owned).await?;
+                tracing::info!(order = %name, %namespace, %total, "accepted; awaiting the restaurant's confirmation");
+                return Ok(Action::requeue(within.min(RESYNC)));
+            }
             ctx.memory.queue(&uid, EventType::OrderAccepted);
             write_status(ctx, order, &owned).await?;
             publish(ctx, order, EventType::OrderAccepted, None, false).await?;
@@ -492,6 +521,90 @@ async fn decide(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<Ac
         }
     }
 }
+
+/// At a restaurant that confirms by hand, for an order still waiting on it:
+/// the staff's confirmation, or why the order is called off (declined, or
+/// not confirmed in time).
+fn restaurant_decision(
+    order: &Order,
+    status: &OrderStatus,
+    ctx: &Context,
+    now: Timestamp,
+) -> (
+    Option<dishpatch_api::order::ConfirmationStatus>,
+    Option<(&'static str, String)>,
+) {
+    let Some(waiting) =
+        find(&status.conditions, condition::RESTAURANT_CONFIRMED).filter(|c| c.status == "Unknown")
+    else {
+        return (None, None);
+    };
+    let restaurant = &order.spec.restaurant_ref.name;
+    match &status.confirmation {
+        Some(c) if c.decision == ConfirmationDecision::Confirmed => (Some(c.clone()), None),
+        Some(c) => (
+            None,
+            Some((
+                reason::RESTAURANT_DECLINED,
+                match &c.reason {
+                    Some(r) => format!("restaurant {restaurant} declined the order: {r}"),
+                    None => format!("restaurant {restaurant} declined the order"),
+                },
+            )),
+        ),
+        None => {
+            let within = confirmation_window(order, ctx);
+            let waited = Duration::try_from(now.duration_since(waiting.last_transition_time.0))
+                .unwrap_or_default();
+            if waited < within {
+                return (None, None);
+            }
+            (
+                None,
+                Some((
+                    reason::RESTAURANT_DID_NOT_CONFIRM,
+                    format!(
+                        "restaurant {restaurant} did not confirm within {}s",
+                        within.as_secs()
+                    ),
+                )),
+            )
+        }
+    }
+}
+
+fn confirmation_window(order: &Order, ctx: &Context) -> Duration {
+    ctx.stock
+        .manual_confirmation(
+            &order.namespace().unwrap_or_default(),
+            &order.spec.restaurant_ref.name,
+        )
+        .unwrap_or(DEFAULT_CONFIRMATION)
+}
+
+/// How long until an order that waits for its restaurant's staff runs out
+/// of time (`None`: it does not wait).
+fn confirmation_left(
+    order: &Order,
+    status: &OrderStatus,
+    ctx: &Context,
+    now: Timestamp,
+) -> Option<Duration> {
+    let waiting = find(&status.conditions, condition::RESTAURANT_CONFIRMED)
+        .filter(|c| c.status == "Unknown" && status.confirmation.is_none())?;
+    let waited =
+        Duration::try_from(now.duration_since(waiting.last_transition_time.0)).unwrap_or_default();
+    // Condition times are whole seconds: a moment past the window, not before it.
+    Some(
+        confirmation_window(order, ctx)
+            .saturating_sub(waited)
+            .max(Duration::from_millis(200))
+            + Duration::from_millis(100),
+    )
+}
+
+/// How long staff have when the Restaurant is gone from the watch.
+const DEFAULT_CONFIRMATION: Duration = Duration::from_secs(300);
 
 /// Why to cancel an accepted order now, if at all.
 fn cancellation(
@@ -554,7 +667,33 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
             Advance::Move(next) => next,
             Advance::Stay | Advance::Illegal { .. } => current,
         };
-        match cancellation(order, status, &facts).or(stalled) {
+        let (confirmed, unconfirmed) = restaurant_decision(order, status, ctx, now);
+        let called_off = cancellation(order, status, &facts).is_some();
+        if let Some(c) = confirmed.as_ref().filter(|_| !called_off) {
+            owned.set(
+                condition::RESTAURANT_CONFIRMED,
+                true,
+                reason::CONFIRMED,
+                &format!("confirmed by {}", c.by),
+                generation,
+                &t,
+            );
+            to_publish.push(EventType::OrderAccepted);
+        }
+        if let Some((why, message)) = &unconfirmed {
+            owned.set(
+                condition::RESTAURANT_CONFIRMED,
+                false,
+                why,
+                message,
+                generation,
+                &t,
+            );
+        }
+        match cancellation(order, status, &facts)
+            .or(unconfirmed)
+            .or(stalled)
+        {
             Some((why, message)) if cancellable(reached) => {
                 owned.set(condition::CANCELLED, true, why, &message, generation, &t);
                 to_publish.push(EventType::OrderCancelled);
@@ -728,6 +867,10 @@ async fn progress(order: &Order, status: &OrderStatus, ctx: &Context) -> Result<
     }
     if phase.is_terminal() {
         return expire(order, phase, &after, ctx, now).await;
+    }
+    // Waiting for the restaurant's staff: look again when their time is up.
+    if let Some(wait) = confirmation_left(order, &after, ctx, now) {
+        return Ok(Action::requeue(wait));
     }
     Ok(Action::requeue(RESYNC))
 }

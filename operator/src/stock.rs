@@ -86,6 +86,14 @@ impl StockKeeper {
             .clone()
     }
 
+    /// How long staff of the restaurant have to confirm a new order by hand,
+    /// as the Restaurants watch last saw it (`None`: they don't confirm).
+    pub fn manual_confirmation(&self, namespace: &str, name: &str) -> Option<std::time::Duration> {
+        let key = ObjectRef::new(name).within(namespace);
+        let guard = self.watched.get(&key)?;
+        guard.0.as_ref().ok()?.spec.manual_confirmation()
+    }
+
     /// Forgets a restaurant (it was deleted).
     pub fn forget(&self, namespace: &str, name: &str) {
         let mut slots = self

@@ -598,3 +598,105 @@ async fn a_charge_waiting_for_the_customer_is_a_condition_until_it_settles() {
         "PaymentSettled"
     );
 }
+
+#[tokio::test]
+async fn a_restaurant_that_confirms_by_hand_holds_payment_until_its_staff_decide() {
+    let bed = Bed::new("confirm").await;
+    let mut tap = bed
+        .tap(&[EventType::OrderAccepted, EventType::OrderCancelled])
+        .await;
+    let _op = bed.operator("op-1", &[]);
+    let mut roma = fixtures::restaurant("roma", true, Some(5));
+    roma.spec.confirmation = Some(dishpatch_api::restaurant::ConfirmationSpec {
+        mode: dishpatch_api::restaurant::ConfirmationMode::Manual,
+        timeout: Some("4s".into()),
+    });
+    bed.create_restaurant(roma).await;
+    let mut uids = std::collections::HashMap::new();
+    for name in ["yes", "no", "late"] {
+        let o = bed
+            .create_order(fixtures::order(name, "roma", &[("pizza", 1)]))
+            .await;
+        uids.insert(o.uid().unwrap(), name);
+    }
+    for name in ["yes", "no", "late"] {
+        let o = bed
+            .wait_order(name, T, "awaiting confirmation", |o| {
+                condition(o, "RestaurantConfirmed").is_some_and(|c| c.status == "Unknown")
+            })
+            .await;
+        assert_eq!(phase(&o), Some(OrderPhase::Accepted));
+        assert_eq!(condition(&o, "StockReserved").unwrap().status, "True");
+    }
+    let decide = |name: &'static str, decision: &'static str, reason: Option<&'static str>| {
+        let api = bed.orders();
+        async move {
+            let now = jiff::Timestamp::now().to_string();
+            let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order", "status": {
+                "confirmation": {"decision": decision, "reason": reason, "by": "chef-mario", "at": now}}});
+            api.patch_status(
+                name,
+                &PatchParams::apply("dishpatch-facade").force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    decide("yes", "Confirmed", None).await;
+    decide("no", "Declined", Some("out of mozzarella")).await;
+
+    let yes = bed
+        .wait_order("yes", T, "confirmed", |o| {
+            condition(o, "RestaurantConfirmed").is_some_and(|c| c.status == "True")
+        })
+        .await;
+    assert_eq!(phase(&yes), Some(OrderPhase::Accepted));
+    let no = bed
+        .wait_order("no", T, "declined", |o| {
+            phase(o) == Some(OrderPhase::Cancelled)
+        })
+        .await;
+    let cancelled = condition(&no, "Cancelled").unwrap();
+    assert_eq!(cancelled.reason, "RestaurantDeclined");
+    assert!(
+        cancelled.message.contains("out of mozzarella"),
+        "{}",
+        cancelled.message
+    );
+    let late = bed
+        .wait_order("late", T, "not confirmed in time", |o| {
+            phase(o) == Some(OrderPhase::Cancelled)
+        })
+        .await;
+    assert_eq!(
+        condition(&late, "Cancelled").unwrap().reason,
+        "RestaurantDidNotConfirm"
+    );
+    for o in [&no, &late] {
+        bed.wait_order(&o.name_any(), T, "stock returned", |o| {
+            condition(o, "StockReserved").is_some_and(|c| c.status == "False")
+        })
+        .await;
+    }
+
+    // Payment heard of the confirmed order only; each called-off one was
+    // announced as cancelled once.
+    let mut seen: Vec<(String, &str)> = Vec::new();
+    while let Some(d) = tap.next_matching(Duration::from_secs(3), |_| true).await {
+        let Ok(e) = d.event else { continue };
+        if let Some(name) = uids.get(&e.data.order.uid) {
+            seen.push((e.type_.clone(), name));
+        }
+    }
+    let count = |kind: &str, name: &str| {
+        seen.iter()
+            .filter(|(t, n)| t.ends_with(kind) && *n == name)
+            .count()
+    };
+    assert_eq!(count("order.accepted", "yes"), 1, "{seen:?}");
+    assert_eq!(count("order.accepted", "no"), 0, "{seen:?}");
+    assert_eq!(count("order.accepted", "late"), 0, "{seen:?}");
+    assert_eq!(count("order.cancelled", "no"), 1, "{seen:?}");
+    assert_eq!(count("order.cancelled", "late"), 1, "{seen:?}");
+}

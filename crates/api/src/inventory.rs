@@ -149,6 +149,7 @@ mod tests {
             open: true,
             currency: "EUR".into(),
             kitchen: KitchenSpec { capacity: 1 },
+            confirmation: None,
             menu: vec![
                 MenuItem {
                     id: "a".into(),

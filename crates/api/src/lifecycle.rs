@@ -20,6 +20,10 @@ pub mod condition {
     /// True while the charge waits for the customer (3-D Secure): the
     /// message says where to complete it. False once the provider settled it.
     pub const PAYMENT_ACTION_REQUIRED: &str = "PaymentActionRequired";
+    /// At restaurants that confirm by hand: Unknown while the staff have not
+    /// decided (payment waits), True once confirmed, False when declined or
+    /// not confirmed in time (the order is then cancelled).
+    pub const RESTAURANT_CONFIRMED: &str = "RestaurantConfirmed";
 }
 
 /// Annotations people set on an Order.
@@ -53,6 +57,10 @@ pub mod reason {
     pub const COMPENSATED: &str = "Compensated";
     pub const RESOLVED_BY_HAND: &str = "ResolvedByHand";
     pub const REQUIRES_ACTION: &str = "RequiresAction";
+    pub const AWAITING_CONFIRMATION: &str = "AwaitingConfirmation";
+    pub const CONFIRMED: &str = "Confirmed";
+    pub const RESTAURANT_DECLINED: &str = "RestaurantDeclined";
+    pub const RESTAURANT_DID_NOT_CONFIRM: &str = "RestaurantDidNotConfirm";
     pub const PAYMENT_SETTLED: &str = "PaymentSettled";
     /// Event: the order history database did not take the order, so its delete waits.
     pub const ARCHIVE_FAILED: &str = "ArchiveFailed";

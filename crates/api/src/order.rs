@@ -288,6 +288,32 @@ pub struct OrderStatus {
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["event".into(), "channel".into()]))]
     pub notifications: Vec<NotificationRecord>,
+    /// The restaurant's decision on the order, for restaurants that confirm
+    /// by hand (the façade, for their staff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<ConfirmationStatus>,
+}
+
+/// A restaurant's decision.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConfirmationDecision {
+    Confirmed,
+    Declined,
+}
+
+/// What the restaurant's staff decided, and who.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfirmationStatus {
+    pub decision: ConfirmationDecision,
+    /// Why, for a decline (the customer is told).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+    /// The staff member (their token's subject).
+    #[schemars(length(max = 253))]
+    pub by: String,
+    pub at: Time,
 }
 
 /// Outcome of the payment stage.

@@ -52,10 +52,57 @@ pub struct RestaurantSpec {
     #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
     pub currency: String,
     pub kitchen: KitchenSpec,
+    /// How new orders are confirmed. Absent: `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<ConfirmationSpec>,
     /// The menu, keyed by item id.
     #[schemars(length(min = 1, max = 200))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["id".into()]))]
     pub menu: Vec<MenuItem>,
+}
+
+/// Who confirms a new order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum ConfirmationMode {
+    /// The operator's checks (open, menu, stock) are the confirmation.
+    #[default]
+    Auto,
+    /// After the checks, the restaurant's staff confirm or decline each
+    /// order through the façade; an order nobody confirms within `timeout`
+    /// is cancelled (`RestaurantDidNotConfirm`).
+    Manual,
+}
+
+/// The restaurant's confirmation of new orders.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfirmationSpec {
+    pub mode: ConfirmationMode,
+    /// How long staff have to confirm (`90s`, `5m`), default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub timeout: Option<String>,
+}
+
+impl RestaurantSpec {
+    /// How long staff have to confirm a new order, when they must.
+    pub fn manual_confirmation(&self) -> Option<std::time::Duration> {
+        let c = self.confirmation.as_ref()?;
+        if c.mode != ConfirmationMode::Manual {
+            return None;
+        }
+        let timeout = c.timeout.as_deref().unwrap_or("5m");
+        let split = timeout.find(|ch: char| !ch.is_ascii_digit())?;
+        let (n, unit) = timeout.split_at(split);
+        let n: u64 = n.parse().ok()?;
+        Some(match unit {
+            "ms" => std::time::Duration::from_millis(n),
+            "s" => std::time::Duration::from_secs(n),
+            "m" => std::time::Duration::from_secs(n * 60),
+            "h" => std::time::Duration::from_secs(n * 3600),
+            _ => return None,
+        })
+    }
 }
 
 /// The kitchen's shape.
@@ -159,5 +206,44 @@ impl RestaurantSpec {
     /// The menu item with this id.
     pub fn item(&self, id: &str) -> Option<&MenuItem> {
         self.menu.iter().find(|m| m.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spec(confirmation: serde_json::Value) -> RestaurantSpec {
+        let mut v = serde_json::json!({
+            "displayName": "R", "zone": "z", "open": true, "currency": "EUR",
+            "kitchen": {"capacity": 1},
+            "menu": [{"id": "pizza", "name": "Pizza", "price": 950, "prepTimeSeconds": 60}]
+        });
+        if !confirmation.is_null() {
+            v["confirmation"] = confirmation;
+        }
+        serde_json::from_value(v).unwrap_or_else(|e| panic!("spec: {e}"))
+    }
+
+    #[test]
+    fn only_manual_restaurants_confirm_by_hand_and_within_their_timeout() {
+        assert_eq!(spec(serde_json::Value::Null).manual_confirmation(), None);
+        let auto = spec(serde_json::json!({"mode": "Auto", "timeout": "1m"}));
+        assert_eq!(auto.manual_confirmation(), None);
+        let default = spec(serde_json::json!({"mode": "Manual"}));
+        assert_eq!(
+            default.manual_confirmation(),
+            Some(Duration::from_secs(300))
+        );
+        for (t, d) in [
+            ("90s", Duration::from_secs(90)),
+            ("2m", Duration::from_secs(120)),
+            ("1h", Duration::from_secs(3600)),
+            ("500ms", Duration::from_millis(500)),
+        ] {
+            let s = spec(serde_json::json!({"mode": "Manual", "timeout": t}));
+            assert_eq!(s.manual_confirmation(), Some(d), "{t}");
+        }
     }
 }
