@@ -531,7 +531,7 @@ fn restaurant_decision(
     ctx: &Context,
     now: Timestamp,
 ) -> (
-    Option<dishpatch_api::order::ConfirmationStatus>,
+    Option<dishpatch_api::order::RestaurantDecision>,
     Option<(&'static str, String)>,
 ) {
     let Some(waiting) =
@@ -540,7 +540,7 @@ fn restaurant_decision(
         return (None, None);
     };
     let restaurant = &order.spec.restaurant_ref.name;
-    match &status.confirmation {
+    match &order.spec.confirmation {
         Some(c) if c.decision == ConfirmationDecision::Confirmed => (Some(c.clone()), None),
         Some(c) => (
             None,
@@ -591,7 +591,7 @@ fn confirmation_left(
     now: Timestamp,
 ) -> Option<Duration> {
     let waiting = find(&status.conditions, condition::RESTAURANT_CONFIRMED)
-        .filter(|c| c.status == "Unknown" && status.confirmation.is_none())?;
+        .filter(|c| c.status == "Unknown" && order.spec.confirmation.is_none())?;
     let waited =
         Duration::try_from(now.duration_since(waiting.last_transition_time.0)).unwrap_or_default();
     // Condition times are whole seconds: a moment past the window, not before it.

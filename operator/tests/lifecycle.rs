@@ -632,15 +632,11 @@ async fn a_restaurant_that_confirms_by_hand_holds_payment_until_its_staff_decide
         let api = bed.orders();
         async move {
             let now = jiff::Timestamp::now().to_string();
-            let patch = json!({"apiVersion": "dishpatch.dev/v1alpha1", "kind": "Order", "status": {
+            let patch = json!({"spec": {
                 "confirmation": {"decision": decision, "reason": reason, "by": "chef-mario", "at": now}}});
-            api.patch_status(
-                name,
-                &PatchParams::apply("dishpatch-facade").force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-            .unwrap();
+            api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
         }
     };
     decide("yes", "Confirmed", None).await;
@@ -652,6 +648,17 @@ async fn a_restaurant_that_confirms_by_hand_holds_payment_until_its_staff_decide
         })
         .await;
     assert_eq!(phase(&yes), Some(OrderPhase::Accepted));
+    // The decision is final: the apiserver refuses to change it.
+    let change = json!({"spec": {"confirmation": {"decision": "Declined", "by": "someone-else",
+        "at": jiff::Timestamp::now().to_string()}}});
+    let refused = bed
+        .orders()
+        .patch("yes", &PatchParams::default(), &Patch::Merge(&change))
+        .await;
+    assert!(
+        matches!(&refused, Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("cannot be withdrawn or changed")),
+        "{refused:?}"
+    );
     let no = bed
         .wait_order("no", T, "declined", |o| {
             phase(o) == Some(OrderPhase::Cancelled)

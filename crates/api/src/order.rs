@@ -46,6 +46,9 @@ pub const MAX_QUANTITY: i32 = 99;
 #[x_kube(validation = Rule::new(
     "!has(oldSelf.cancellation) || (has(self.cancellation) && self.cancellation == oldSelf.cancellation)"
 ).message("a cancellation request cannot be withdrawn or changed").field_path(".cancellation"))]
+#[x_kube(validation = Rule::new(
+    "!has(oldSelf.confirmation) || (has(self.confirmation) && self.confirmation == oldSelf.confirmation)"
+).message("the restaurant's decision cannot be withdrawn or changed").field_path(".confirmation"))]
 pub struct OrderSpec {
     /// Who ordered.
     #[x_kube(validation = Rule::new("self == oldSelf").message("customer is immutable once the order is placed"))]
@@ -71,6 +74,11 @@ pub struct OrderSpec {
     /// Set to ask for cancellation. Allowed until the courier picks the order up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancellation: Option<CancellationRequest>,
+    /// At restaurants that confirm by hand: their staff's decision (set
+    /// through the façade), final once set. The operator then sends the
+    /// order to payment, or cancels it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmation: Option<RestaurantDecision>,
 }
 
 /// The customer placing the order.
@@ -288,10 +296,6 @@ pub struct OrderStatus {
     #[schemars(length(max = 64))]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["event".into(), "channel".into()]))]
     pub notifications: Vec<NotificationRecord>,
-    /// The restaurant's decision on the order, for restaurants that confirm
-    /// by hand (the façade, for their staff).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confirmation: Option<ConfirmationStatus>,
 }
 
 /// A restaurant's decision.
@@ -304,7 +308,7 @@ pub enum ConfirmationDecision {
 /// What the restaurant's staff decided, and who.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct ConfirmationStatus {
+pub struct RestaurantDecision {
     pub decision: ConfirmationDecision,
     /// Why, for a decline (the customer is told).
     #[serde(default, skip_serializing_if = "Option::is_none")]

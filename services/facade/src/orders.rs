@@ -152,13 +152,16 @@ fn build_spec(state: &AppState, caller: &Caller, body: PlaceOrder) -> Result<Ord
             secret_ref: None,
         },
         cancellation: None,
+        confirmation: None,
     })
 }
 
-/// Whether a retry asks for the same order (a later cancellation aside).
+/// Whether a retry asks for the same order (a later cancellation or the
+/// restaurant's decision aside).
 fn same_request(existing: &OrderSpec, wanted: &OrderSpec) -> bool {
     let mut existing = existing.clone();
     existing.cancellation = None;
+    existing.confirmation = None;
     &existing == wanted
 }
 
