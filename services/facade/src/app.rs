@@ -20,7 +20,7 @@ use crate::cache::Caches;
 use crate::metrics::{Metrics, RequestLabels};
 use crate::problem::Problem;
 use crate::ratelimit::RateLimiter;
-use crate::{courier, events, openapi, orders, restaurants};
+use crate::{courier, events, openapi, orders, restaurants, staff};
 
 /// Everything a handler needs.
 #[derive(Clone)]
@@ -48,6 +48,17 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/restaurants", get(restaurants::list))
         .route("/restaurants/{name}", get(restaurants::get_one))
+        .route("/restaurants/{name}/orders", get(staff::orders))
+        .route(
+            "/restaurants/{name}/orders/{id}/confirm",
+            post(staff::confirm),
+        )
+        .route(
+            "/restaurants/{name}/orders/{id}/decline",
+            post(staff::decline),
+        )
+        .route("/restaurants/{name}/open", post(staff::open))
+        .route("/restaurants/{name}/close", post(staff::close))
         .route("/orders", post(orders::place).get(orders::list))
         .route("/orders/{id}", get(orders::get_one))
         .route("/orders/{id}/cancel", post(orders::cancel))

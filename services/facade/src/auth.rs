@@ -31,6 +31,8 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(300);
 pub enum Role {
     Customer,
     Courier,
+    /// A restaurant's staff: `restaurants` (or `sub`) names where.
+    Restaurant,
     Admin,
 }
 
@@ -49,6 +51,10 @@ pub struct Claims {
     pub email: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
+    /// For role `restaurant`: the Restaurants this person works for (absent:
+    /// `sub` names the one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restaurants: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -425,6 +431,7 @@ pub fn claims(sub: &str, role: Role, ttl: Duration) -> Claims {
         name: None,
         email: None,
         phone: None,
+        restaurants: Vec::new(),
     }
 }
 
@@ -457,13 +464,17 @@ impl Caller {
     pub fn require_customer(&self) -> Result<(), Problem> {
         match self.0.role {
             Role::Customer | Role::Admin => Ok(()),
-            Role::Courier => Err(Problem::forbidden("this needs a customer token")),
+            Role::Courier | Role::Restaurant => {
+                Err(Problem::forbidden("this needs a customer token"))
+            }
         }
     }
     pub fn require_courier(&self) -> Result<(), Problem> {
         match self.0.role {
             Role::Courier | Role::Admin => Ok(()),
-            Role::Customer => Err(Problem::forbidden("this needs a courier token")),
+            Role::Customer | Role::Restaurant => {
+                Err(Problem::forbidden("this needs a courier token"))
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ mod orders;
 mod problem;
 mod ratelimit;
 mod restaurants;
+mod staff;
 mod views;
 
 use std::net::SocketAddr;
@@ -178,6 +179,10 @@ struct TokenArgs {
     /// Phone claim (E.164).
     #[arg(long)]
     phone: Option<String>,
+    /// For --role restaurant: a Restaurant this person works for (repeat it;
+    /// none: --sub names the restaurant).
+    #[arg(long = "restaurant")]
+    restaurants: Vec<String>,
     /// `iss` claim: the `--jwt-issuer` the façade checks (same variable).
     #[arg(long, env = "DISHPATCH_JWT_ISSUER")]
     issuer: Option<String>,
@@ -213,6 +218,7 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
     claims.name = args.name;
     claims.email = args.email;
     claims.phone = args.phone;
+    claims.restaurants = args.restaurants;
     println!("{}", keys.mint_with(&claims, args.kid.as_deref())?);
     Ok(())
 }

@@ -115,6 +115,11 @@ fn problem(description: &str) -> RefOr<Response> {
     paths(
         crate::restaurants::list,
         crate::restaurants::get_one,
+        crate::staff::orders,
+        crate::staff::confirm,
+        crate::staff::decline,
+        crate::staff::open,
+        crate::staff::close,
         crate::orders::place,
         crate::orders::list,
         crate::orders::get_one,
@@ -131,7 +136,7 @@ fn problem(description: &str) -> RefOr<Response> {
     components(schemas(
         ProblemDetails, FieldError, Role, MoneyView, MenuItemView, RestaurantView, OrderLine,
         AddressBody, PaymentBody, ContactBody, PlaceOrder, CancelBody, FeedbackBody,
-        ShiftBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView, TimelineEntry,
+        ShiftBody, crate::staff::DeclineBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView, TimelineEntry,
         OrderPage, OrderEvent, OrderEventKind, CourierView, OfferView, CourierOrderView
     )),
     modifiers(&Bearer, &Problems),
@@ -139,6 +144,7 @@ fn problem(description: &str) -> RefOr<Response> {
         (name = "restaurants", description = "Menus"),
         (name = "orders", description = "Place, follow, cancel and rate orders"),
         (name = "courier", description = "Shifts and deliveries"),
+        (name = "restaurant staff", description = "A restaurant's orders, its confirmations, opening and closing"),
     )
 )]
 pub struct ApiDoc;
