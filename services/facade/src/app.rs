@@ -49,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/restaurants", get(restaurants::list))
         .route("/restaurants/{name}", get(restaurants::get_one))
         .route("/restaurants/{name}/orders", get(staff::orders))
+        .route("/restaurants/{name}/events", get(events::restaurant_stream))
         .route(
             "/restaurants/{name}/orders/{id}/confirm",
             post(staff::confirm),
@@ -83,6 +84,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/courier",
             get(|| async { Html(include_str!("../web/courier.html")) }),
+        )
+        .route(
+            "/restaurant",
+            get(|| async { Html(include_str!("../web/restaurant.html")) }),
         );
     if state.dev_login {
         app = app.route("/dev/token", post(dev_token));

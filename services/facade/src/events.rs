@@ -229,3 +229,133 @@ pub async fn stream(
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
+
+/// How often a restaurant's stream looks at the cache for changes.
+const STAFF_POLL: Duration = Duration::from_millis(500);
+
+/// A restaurant's orders, live (server-sent events), for its staff.
+///
+/// First one `order` event per order in the cluster that is not finished,
+/// then one for each new order and each change (data: the order, as in
+/// `GET /api/v1/orders/{id}`), and `removed` (data `{"id": …}`) when an
+/// order leaves the cluster. The stream ends when the token expires.
+#[utoipa::path(get, path = "/api/v1/restaurants/{name}/events", tag = "restaurant staff",
+    params(("name" = String, Path, description = "The restaurant's name")),
+    responses((status = 200, content_type = "text/event-stream", body = OrderEvent,
+        description = "`event: order` with the order, or `event: removed`"),
+        (status = 403, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 429, body = ProblemDetails, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn restaurant_stream(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Problem> {
+    if !crate::staff::works_for(&caller, &name) {
+        return Err(Problem::forbidden(format!(
+            "this needs a token of restaurant {name}'s staff"
+        )));
+    }
+    let subject = caller.0.sub.clone();
+    if !state.streams.enter(&subject) {
+        let mut p = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-streams",
+            "too many live streams open for this caller; close one first",
+        );
+        p.retry_after = Some(5);
+        return Err(p);
+    }
+    state.metrics.sse_clients.inc();
+    let now = jiff::Timestamp::now().as_second().max(0).unsigned_abs();
+    let expires =
+        tokio::time::Instant::now() + Duration::from_secs(caller.0.exp.saturating_sub(now));
+    struct Board {
+        state: AppState,
+        restaurant: String,
+        /// What the client has: per order, the view last sent (resourceVersion blanked).
+        sent: HashMap<String, OrderView>,
+        queue: std::collections::VecDeque<Event>,
+        first: bool,
+        expires: tokio::time::Instant,
+        _guard: ClientGuard,
+    }
+    impl Board {
+        /// Queues what changed since the last look.
+        fn look(&mut self) {
+            let mut seen = std::collections::HashSet::new();
+            let mut orders: Vec<_> = self
+                .state
+                .caches
+                .orders
+                .state()
+                .into_iter()
+                .filter(|o| o.spec.restaurant_ref.name == self.restaurant)
+                .collect();
+            orders.sort_by_key(|o| crate::cache::sort_key(o));
+            for o in orders {
+                let view = OrderView::from(o.as_ref());
+                seen.insert(view.id.clone());
+                let key = without_rv(&view);
+                if self.sent.get(&view.id) == Some(&key) {
+                    continue;
+                }
+                // At first, only what is still going on.
+                if self.first && crate::views::phase(&o).is_terminal() {
+                    continue;
+                }
+                self.sent.insert(view.id.clone(), key);
+                self.queue.push_back(order_event(&view));
+            }
+            let gone: Vec<String> = self
+                .sent
+                .keys()
+                .filter(|id| !seen.contains(*id))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.sent.remove(&id);
+                self.queue.push_back(
+                    Event::default()
+                        .event("removed")
+                        .data(format!("{{\"id\":\"{id}\"}}")),
+                );
+            }
+            self.first = false;
+        }
+
+        async fn next(&mut self) -> Option<Event> {
+            loop {
+                if let Some(e) = self.queue.pop_front() {
+                    return Some(e);
+                }
+                if !self.first {
+                    tokio::select! {
+                        _ = tokio::time::sleep(STAFF_POLL) => {}
+                        _ = tokio::time::sleep_until(self.expires) => return None,
+                    }
+                }
+                self.look();
+            }
+        }
+    }
+    let board = Board {
+        state: state.clone(),
+        restaurant: name,
+        sent: HashMap::new(),
+        queue: std::collections::VecDeque::new(),
+        first: true,
+        expires,
+        _guard: ClientGuard {
+            metrics: state.metrics.clone(),
+            streams: state.streams.clone(),
+            subject,
+        },
+    };
+    let events =
+        futures::stream::unfold(
+            board,
+            |mut b| async move { b.next().await.map(|e| (Ok(e), b)) },
+        );
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}

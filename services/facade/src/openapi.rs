@@ -116,6 +116,7 @@ fn problem(description: &str) -> RefOr<Response> {
         crate::restaurants::list,
         crate::restaurants::get_one,
         crate::staff::orders,
+        crate::events::restaurant_stream,
         crate::staff::confirm,
         crate::staff::decline,
         crate::staff::open,

@@ -193,3 +193,84 @@ async fn customer_orders_in_the_browser_and_sees_it_delivered() {
     let pizza = order.spec.items.iter().find(|i| i.menu_item == "pizza");
     assert_eq!(pizza.map(|i| i.quantity), Some(2));
 }
+
+#[tokio::test]
+async fn restaurant_staff_confirm_in_the_browser_and_the_customers_page_moves_on() {
+    let node_dir = prerequisites();
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/restaurant-confirms.mjs");
+    // `trattoria` confirms its orders by hand.
+    let f = Facade::start("fc-staff", &["--dev-login"]).await;
+    let ns = f.ns.name.clone();
+    let restaurants: Api<dishpatch_api::Restaurant> = f.ns.api();
+    restaurants
+        .patch(
+            "trattoria",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&serde_json::json!({
+                "spec": {"confirmation": {"mode": "Manual", "timeout": "5m"}}
+            })),
+        )
+        .await
+        .unwrap();
+    let amqp_url = dishpatch_testkit::amqp_vhost(&ns).await.unwrap();
+    let ledger = std::env::temp_dir().join(format!("dishpatch-ledger-{ns}.jsonl"));
+    let _ = std::fs::remove_file(&ledger);
+    let _platform: Vec<Child> = ["operator", "payment"]
+        .iter()
+        .map(|c| start(c, &ns, &amqp_url, &ledger))
+        .collect();
+
+    let artifacts = artifacts_dir();
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("facade-browser-restaurant-confirms.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let customer = "cust-staff-browser";
+    let mut cmd = Command::new("node");
+    cmd.arg(&script)
+        .env("DISHPATCH_NODE", &node_dir)
+        .env("FACADE_URL", &f.base)
+        .env("SCREENSHOT", &screenshot)
+        .env("CUSTOMER", customer)
+        .env("RESTAURANT", "trattoria")
+        .env("CHROMIUM", CHROMIUM)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    let run = tokio::time::timeout(Duration::from_secs(150), cmd.output()).await;
+    let _ = std::fs::remove_file(&ledger);
+    let out = run
+        .expect("the browser test did not finish within 150 s")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "the browser test failed ({}); screenshot: {}\n{stdout}\n{}",
+        out.status,
+        screenshot.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // What the pages showed is what the platform did.
+    let orders =
+        f.ns.api::<Order>()
+            .list(&ListParams::default())
+            .await
+            .unwrap();
+    assert_eq!(orders.items.len(), 1, "{:#?}", orders.items);
+    let order = &orders.items[0];
+    assert_eq!(order.spec.customer.id, customer);
+    let decision = order
+        .spec
+        .confirmation
+        .as_ref()
+        .expect("the staff's decision");
+    assert_eq!(decision.by, "trattoria");
+    assert!(
+        order
+            .status
+            .as_ref()
+            .and_then(|s| s.payment.as_ref())
+            .is_some()
+    );
+}
