@@ -267,6 +267,66 @@ async fn staff_confirm_and_decline_orders_and_close_their_restaurant() {
         "{view}"
     );
 
+    // Sold out: orders with the dish are turned away until it is restocked.
+    let (code, r) = call(
+        listen,
+        "POST",
+        "/api/v1/restaurants/roma/menu/pizza/sold-out",
+        &chef,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let pizza = r["menu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "pizza")
+        .unwrap()
+        .clone();
+    assert_eq!(pizza["soldOut"], true, "{r}");
+    let (code, problem) = call(
+        listen,
+        "POST",
+        "/api/v1/restaurants/roma/menu/calzone/sold-out",
+        &chef,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 404, "{problem}");
+    let (code, placed) = place(listen, &customer, "roma").await;
+    assert_eq!(code, 201, "{placed}");
+    let id = placed["id"].as_str().unwrap().to_string();
+    let rejected = wait_phase(&orders, &id, OrderPhase::Rejected).await;
+    let accepted = condition(&rejected, "Accepted").unwrap();
+    assert_eq!(accepted.reason, "OutOfStock");
+    assert!(
+        accepted.message.contains("sold out"),
+        "{}",
+        accepted.message
+    );
+    let (code, r) = call(
+        listen,
+        "POST",
+        "/api/v1/restaurants/roma/menu/pizza/restock",
+        &chef,
+        &json!({"stock": 20}),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let pizza = r["menu"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "pizza")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (pizza["soldOut"].clone(), pizza["available"].clone()),
+        (Value::Null, json!(20)),
+        "{r}"
+    );
+
     // Closed: new orders are turned away; opened again, taken.
     let (code, r) = call(
         listen,

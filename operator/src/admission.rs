@@ -45,6 +45,15 @@ pub fn quote(
                 ),
             });
         };
+        if menu_item.sold_out {
+            return Err(Rejection {
+                reason: reason::OUT_OF_STOCK,
+                message: format!(
+                    "menu item {:?} is sold out at restaurant {restaurant_name}",
+                    item.menu_item
+                ),
+            });
+        }
         let quantity = i64::from(item.quantity);
         priced.push(PriceLine {
             unit_price: menu_item.price,
@@ -101,6 +110,16 @@ mod tests {
         assert_eq!(q.total.currency, "EUR");
         assert_eq!(q.total.display.as_deref(), Some("25.00 EUR"));
         assert_eq!(q.lines, vec![("pizza".into(), 2), ("water".into(), 3)]);
+    }
+
+    #[test]
+    fn rejects_a_dish_marked_sold_out() {
+        let mut r = restaurant(true);
+        r.menu[1].sold_out = true;
+        let e = quote(&order(&[("pizza", 1), ("water", 1)]), "roma", &r).unwrap_err();
+        assert_eq!(e.reason, reason::OUT_OF_STOCK);
+        assert!(e.message.contains("sold out"), "{}", e.message);
+        assert!(quote(&order(&[("pizza", 1)]), "roma", &r).is_ok());
     }
 
     #[test]

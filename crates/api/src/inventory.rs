@@ -158,6 +158,7 @@ mod tests {
                     price: 100,
                     prep_time_seconds: 1,
                     stock,
+                    sold_out: false,
                 },
                 MenuItem {
                     id: "free".into(),
@@ -166,6 +167,7 @@ mod tests {
                     price: 1,
                     prep_time_seconds: 1,
                     stock: None,
+                    sold_out: false,
                 },
             ],
         }

@@ -140,6 +140,10 @@ pub struct MenuItem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1_000_000))]
     pub stock: Option<i64>,
+    /// Not offered for now (the staff marked it sold out): new orders with
+    /// it are rejected. Clear it to offer the dish again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sold_out: bool,
 }
 
 /// Observed state, written by the operator.

@@ -60,6 +60,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/restaurants/{name}/open", post(staff::open))
         .route("/restaurants/{name}/close", post(staff::close))
+        .route(
+            "/restaurants/{name}/menu/{item}/sold-out",
+            post(staff::sold_out),
+        )
+        .route(
+            "/restaurants/{name}/menu/{item}/restock",
+            post(staff::restock),
+        )
         .route("/orders", post(orders::place).get(orders::list))
         .route("/orders/{id}", get(orders::get_one))
         .route("/orders/{id}/cancel", post(orders::cancel))

@@ -121,6 +121,8 @@ fn problem(description: &str) -> RefOr<Response> {
         crate::staff::decline,
         crate::staff::open,
         crate::staff::close,
+        crate::staff::sold_out,
+        crate::staff::restock,
         crate::orders::place,
         crate::orders::list,
         crate::orders::get_one,
@@ -137,7 +139,7 @@ fn problem(description: &str) -> RefOr<Response> {
     components(schemas(
         ProblemDetails, FieldError, Role, MoneyView, MenuItemView, RestaurantView, OrderLine,
         AddressBody, PaymentBody, ContactBody, PlaceOrder, CancelBody, FeedbackBody,
-        ShiftBody, crate::staff::DeclineBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView, TimelineEntry,
+        ShiftBody, crate::staff::DeclineBody, crate::staff::RestockBody, PaymentView, KitchenView, DeliveryView, FeedbackView, OrderView, TimelineEntry,
         OrderPage, OrderEvent, OrderEventKind, CourierView, OfferView, CourierOrderView
     )),
     modifiers(&Bearer, &Problems),

@@ -270,3 +270,92 @@ async fn set_open(
     tracing::info!(restaurant = %name, open, by = %caller.0.sub, "restaurant opened or closed");
     Ok(Json(RestaurantView::from(&patched)))
 }
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestockBody {
+    /// The portions now offered, for a stock-limited dish (absent: keep the
+    /// stock as it is).
+    #[schema(minimum = 0, maximum = 1_000_000)]
+    pub stock: Option<i64>,
+}
+
+/// Mark a dish sold out: new orders with it are rejected (`OutOfStock`).
+#[utoipa::path(post, path = "/api/v1/restaurants/{name}/menu/{item}/sold-out", tag = "restaurant staff",
+    params(("name" = String, Path), ("item" = String, Path)),
+    responses((status = 200, body = RestaurantView),
+        (status = 403, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, body = ProblemDetails, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn sold_out(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, item)): Path<(String, String)>,
+) -> Result<Json<RestaurantView>, Problem> {
+    set_menu_item(&state, &caller, &name, &item, true, None).await
+}
+
+/// Offer a dish again, optionally with a new stock.
+#[utoipa::path(post, path = "/api/v1/restaurants/{name}/menu/{item}/restock", tag = "restaurant staff",
+    params(("name" = String, Path), ("item" = String, Path)),
+    request_body = RestockBody,
+    responses((status = 200, body = RestaurantView),
+        (status = 403, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 422, body = ProblemDetails, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn restock(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, item)): Path<(String, String)>,
+    ApiJson(body): ApiJson<RestockBody>,
+) -> Result<Json<RestaurantView>, Problem> {
+    if body.stock.is_some_and(|s| !(0..=1_000_000).contains(&s)) {
+        return Err(Problem::invalid("stock", "0 to 1000000"));
+    }
+    set_menu_item(&state, &caller, &name, &item, false, body.stock).await
+}
+
+/// Changes one dish with a JSON patch that first tests the dish is still at
+/// the index read (the menu is a list; another writer may reorder it).
+async fn set_menu_item(
+    state: &AppState,
+    caller: &Caller,
+    name: &str,
+    item: &str,
+    sold_out: bool,
+    stock: Option<i64>,
+) -> Result<Json<RestaurantView>, Problem> {
+    require_staff(caller, name)?;
+    let api: Api<Restaurant> = Api::namespaced(state.client.clone(), &state.caches.namespace);
+    if !is_object_name(name) {
+        return Err(Problem::not_found(format!("no restaurant {name}")));
+    }
+    let Some(restaurant) = with_timeout(state.api_timeout, api.get_opt(name)).await? else {
+        return Err(Problem::not_found(format!("no restaurant {name}")));
+    };
+    let Some(index) = restaurant.spec.menu.iter().position(|m| m.id == item) else {
+        return Err(Problem::not_found(format!("no dish {item} at {name}")));
+    };
+    let at = |field: &str| format!("/spec/menu/{index}/{field}");
+    let mut ops = vec![
+        serde_json::json!({"op": "test", "path": at("id"), "value": item}),
+        serde_json::json!({"op": "add", "path": at("soldOut"), "value": sold_out}),
+    ];
+    if let Some(stock) = stock {
+        ops.push(serde_json::json!({"op": "add", "path": at("stock"), "value": stock}));
+    }
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+        .map_err(|e| Problem::internal(e.to_string()))?;
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    let patched = with_timeout(
+        state.api_timeout,
+        api.patch(name, &params, &Patch::<()>::Json(patch)),
+    )
+    .await?;
+    tracing::info!(restaurant = %name, %item, sold_out, ?stock, by = %caller.0.sub, "menu changed");
+    Ok(Json(RestaurantView::from(&patched)))
+}

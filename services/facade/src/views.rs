@@ -47,6 +47,9 @@ pub struct MenuItemView {
     /// How many can still be ordered, for stock-limited items.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub available: Option<i64>,
+    /// The staff marked it sold out: it cannot be ordered now.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub sold_out: bool,
 }
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -80,6 +83,7 @@ impl From<&Restaurant> for RestaurantView {
                         .map(|e| e.available)
                         .unwrap_or(stock)
                 }),
+                sold_out: m.sold_out,
             })
             .collect();
         Self {
