@@ -148,7 +148,10 @@ mod tests {
             zone: "z".into(),
             open: true,
             currency: "EUR".into(),
-            kitchen: KitchenSpec { capacity: 1 },
+            kitchen: KitchenSpec {
+                capacity: 1,
+                mode: Default::default(),
+            },
             confirmation: None,
             menu: vec![
                 MenuItem {

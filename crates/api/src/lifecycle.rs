@@ -32,6 +32,9 @@ pub mod annotation {
     /// compensation by hand, for example a refund made in the provider's
     /// dashboard: the operator then treats the order as compensated.
     pub const COMPENSATION_RESOLVED: &str = "dishpatch.dev/compensation-resolved";
+    /// Set by a restaurant's staff (through the façade, to who marked it) when
+    /// an order is ready, in a `Manual` kitchen: the kitchen then records it.
+    pub const KITCHEN_READY: &str = "dishpatch.dev/kitchen-ready";
 }
 
 /// CamelCase reasons used in conditions and Events.

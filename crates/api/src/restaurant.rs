@@ -112,6 +112,25 @@ pub struct KitchenSpec {
     /// Orders prepared in parallel; more wait in FIFO order.
     #[schemars(range(min = 1, max = 100))]
     pub capacity: i32,
+    /// `Timed` (default): an order is ready when its dishes' preparation
+    /// time has passed. `Manual`: when the staff mark it ready (the menu's
+    /// times are then only the estimate the customer sees).
+    #[serde(default, skip_serializing_if = "KitchenMode::is_timed")]
+    pub mode: KitchenMode,
+}
+
+/// How the kitchen knows an order is ready.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum KitchenMode {
+    #[default]
+    Timed,
+    Manual,
+}
+
+impl KitchenMode {
+    pub fn is_timed(&self) -> bool {
+        *self == KitchenMode::Timed
+    }
 }
 
 /// One dish.

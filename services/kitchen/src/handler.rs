@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dishpatch_api::events::{CloudEvent, EventType, OrderRef};
-use dishpatch_api::lifecycle::{condition, find};
+use dishpatch_api::lifecycle::{annotation, condition, find};
 use dishpatch_api::order::{KitchenState, KitchenStatus, PaymentState};
+use dishpatch_api::restaurant::KitchenMode;
 use dishpatch_api::{Order, Restaurant};
 use dishpatch_worker::{HandleError, Handler, OrderAccess, trace};
 use jiff::Timestamp;
@@ -266,6 +267,7 @@ impl Shared {
         let me = self.settings.identity.clone();
         let (uid, name) = (r.uid.clone(), r.name.clone());
         let tp = traceparent.to_string();
+        let manual = restaurant.spec.kitchen.mode == KitchenMode::Manual;
         let (rail, booked) = store
             .update(Some(&restaurant), move |rail| {
                 if rail.get(&uid).is_none() && rail.tickets.len() >= MAX_TICKETS {
@@ -274,6 +276,9 @@ impl Shared {
                 let (booked, started) =
                     rail.book(&uid, &name, prep, capacity, &me, Timestamp::now());
                 rail.trace(&uid, &tp);
+                if manual {
+                    rail.manual(&uid);
+                }
                 (!booked.existed, Some((booked, started)))
             })
             .await?;
@@ -386,6 +391,7 @@ impl Shared {
         let me = self.settings.identity.clone();
         let (uid, name) = (r.uid.clone(), r.name.clone());
         let tp = trace::order_root_of(order);
+        let manual = restaurant.spec.kitchen.mode == KitchenMode::Manual;
         let (rail, started) = store
             .update(Some(restaurant), move |rail| {
                 if rail.get(&uid).is_some() {
@@ -394,6 +400,9 @@ impl Shared {
                 let (_, started) =
                     rail.book(&uid, &name, remaining, capacity, &me, Timestamp::now());
                 rail.trace(&uid, &tp);
+                if manual {
+                    rail.manual(&uid);
+                }
                 (true, started)
             })
             .await?;
@@ -708,8 +717,20 @@ impl Shared {
                 .collect()
         };
         self.settle(store, unannounced).await?;
+        // A manual kitchen's tickets are due when the staff marked them ready.
+        let mut finish = plan.finish.clone();
+        for t in &plan.check {
+            let marked = self
+                .access
+                .order(&order_ref(store.key(), t))
+                .await?
+                .is_none_or(|o| o.annotations().contains_key(annotation::KITCHEN_READY));
+            if marked {
+                finish.push(t.clone());
+            }
+        }
         // Every ticket due at once: their Orders concurrently, the rail in one write.
-        let closed = futures::future::join_all(plan.finish.iter().map(|t| {
+        let closed = futures::future::join_all(finish.iter().map(|t| {
             if t.owner != self.settings.identity {
                 tracing::warn!(order = %t.order, owner = %t.owner, "finishing a ticket its replica left overdue");
             }
@@ -719,7 +740,7 @@ impl Shared {
         .await;
         let mut done = Vec::new();
         let mut failed = None;
-        for (t, result) in plan.finish.iter().zip(closed) {
+        for (t, result) in finish.iter().zip(closed) {
             match result {
                 Ok(()) => done.push(t.uid.clone()),
                 Err(e) => failed = Some(e),

@@ -85,6 +85,10 @@ pub struct Ticket {
     /// cooks it later puts its spans under it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// A manual kitchen's ticket: done when the staff say so, not at its
+    /// end (`prep_ms` is then only the estimate).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub manual: bool,
 }
 
 impl Ticket {
@@ -117,6 +121,13 @@ impl Rail {
 
     pub fn cooking(&self) -> usize {
         self.tickets.iter().filter(|t| t.cooking()).count()
+    }
+
+    /// Marks a ticket as one the staff finish by hand.
+    pub fn manual(&mut self, uid: &str) {
+        if let Some(t) = self.tickets.iter_mut().find(|t| t.uid == uid) {
+            t.manual = true;
+        }
     }
 
     /// Records the span that took the ticket, if none is yet.
@@ -157,6 +168,7 @@ impl Rail {
             owner: me.to_string(),
             started_at: None,
             traceparent: None,
+            manual: false,
         });
         let started = self.fill(me, now);
         let booked = Booked {
@@ -238,6 +250,9 @@ impl Rail {
     }
 }
 
+/// How often a manual kitchen's cooking tickets are looked at.
+pub const MANUAL_POLL: Duration = Duration::from_secs(1);
+
 /// What a replica's driver of one rail should do now.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Plan {
@@ -245,6 +260,9 @@ pub struct Plan {
     pub finish: Vec<Ticket>,
     /// Cooking tickets this replica owns (to make sure their Orders say so).
     pub mine: Vec<Ticket>,
+    /// Cooking manual tickets: their Orders say whether the staff marked
+    /// them ready. Any replica driving the rail looks.
+    pub check: Vec<Ticket>,
     /// When to look again; `None` with an empty rail: stop driving it.
     pub wake_in: Option<Duration>,
 }
@@ -258,6 +276,14 @@ pub fn plan(rail: &Rail, me: &str, now: Timestamp, adopt_after: Duration) -> Pla
     let mut wake: Option<Timestamp> = None;
     let mut soonest = |t: Timestamp| wake = Some(wake.map_or(t, |w: Timestamp| w.min(t)));
     for t in &rail.tickets {
+        if t.manual && t.cooking() {
+            if t.owner == me {
+                out.mine.push(t.clone());
+            }
+            out.check.push(t.clone());
+            soonest(add(now, MANUAL_POLL));
+            continue;
+        }
         match t.end() {
             Some(end) => {
                 let due = if t.owner == me {
@@ -347,6 +373,27 @@ mod tests {
         r.remove("long", "x", t(10));
         assert!(r.get("mid").unwrap().cooking());
         assert!(!r.get("short").unwrap().cooking());
+    }
+
+    #[test]
+    fn a_manual_ticket_is_never_finished_by_time_and_is_checked_by_anyone() {
+        let grace = Duration::from_secs(30);
+        let mut r = Rail::default();
+        r.book("m", "om", P, 1, "x", t(0));
+        r.manual("m");
+        for (who, at) in [("x", 5), ("x", 1000), ("y", 1000)] {
+            let p = plan(&r, who, t(at), grace);
+            assert!(
+                p.finish.is_empty(),
+                "{who} finished a manual ticket at {at}"
+            );
+            assert_eq!(p.check.len(), 1, "{who} at {at}");
+            assert_eq!(p.wake_in, Some(MANUAL_POLL));
+            assert_eq!(p.mine.len(), usize::from(who == "x"));
+        }
+        // Its preparation time is still the estimate others queue behind.
+        r.book("next", "on", P, 1, "x", t(0));
+        assert_eq!(r.estimate("next", t(0)).map(|w| w.start), Some(t(10)));
     }
 
     #[test]
