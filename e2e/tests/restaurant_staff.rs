@@ -91,11 +91,11 @@ async fn staff_confirm_and_decline_orders_and_close_their_restaurant() {
         .create(&PostParams::default(), &roma)
         .await
         .unwrap();
+    // napoli confirms on its own but its staff say when an order is ready.
+    let mut napoli = fixtures::restaurant("napoli", true, None);
+    napoli.spec.kitchen.mode = dishpatch_api::restaurant::KitchenMode::Manual;
     restaurants
-        .create(
-            &PostParams::default(),
-            &fixtures::restaurant("napoli", true, None),
-        )
+        .create(&PostParams::default(), &napoli)
         .await
         .unwrap();
 
@@ -111,6 +111,7 @@ async fn staff_confirm_and_decline_orders_and_close_their_restaurant() {
     let procs = [
         spec.start("operator", &[]),
         spec.start("payment", &[]),
+        spec.start("kitchen", &[]),
         spec.start(
             "facade",
             &[
@@ -197,7 +198,24 @@ async fn staff_confirm_and_decline_orders_and_close_their_restaurant() {
     // Confirmed: it goes on to payment.
     let (code, view) = call(listen, "POST", &confirm, &chef, &Value::Null).await;
     assert_eq!(code, 200, "{view}");
-    let paid = wait_phase(&orders, &yes, OrderPhase::Paid).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let paid = loop {
+        let o = orders.get(&yes).await.unwrap();
+        let charged = o
+            .status
+            .as_ref()
+            .and_then(|s| s.payment.as_ref())
+            .is_some_and(|p| p.state == dishpatch_api::order::PaymentState::Succeeded);
+        if charged {
+            break o;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never paid after the confirmation: {:?}",
+            o.status
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    };
     assert_eq!(
         condition(&paid, "RestaurantConfirmed").unwrap().status,
         "True"
@@ -266,6 +284,35 @@ async fn staff_confirm_and_decline_orders_and_close_their_restaurant() {
             .contains("out of mozzarella"),
         "{view}"
     );
+
+    // A manual kitchen: the order cooks until napoli's staff say it is ready.
+    let (code, placed) = place(listen, &customer, "napoli").await;
+    assert_eq!(code, 201, "{placed}");
+    let cooking = placed["id"].as_str().unwrap().to_string();
+    wait_phase(&orders, &cooking, OrderPhase::Preparing).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let o = orders.get(&cooking).await.unwrap();
+    assert_eq!(
+        o.status.and_then(|s| s.phase),
+        Some(OrderPhase::Preparing),
+        "ready without the staff"
+    );
+    let ready = format!("/api/v1/restaurants/napoli/orders/{cooking}/ready");
+    let (code, problem) = call(listen, "POST", &ready, &chef, &Value::Null).await;
+    assert_eq!(code, 403, "roma's chef at napoli: {problem}");
+    let (code, view) = call(listen, "POST", &ready, &napoli_staff, &Value::Null).await;
+    assert_eq!(code, 202, "{view}");
+    let done = wait_phase(&orders, &cooking, OrderPhase::Ready).await;
+    assert!(done.status.unwrap().kitchen.unwrap().ready_at.is_some());
+    let (code, problem) = call(
+        listen,
+        "POST",
+        &format!("/api/v1/restaurants/roma/orders/{yes}/ready"),
+        &chef,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(code, 409, "roma's kitchen is timed: {problem}");
 
     // Sold out: orders with the dish are turned away until it is restocked.
     let (code, r) = call(

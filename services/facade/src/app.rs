@@ -58,6 +58,7 @@ pub fn router(state: AppState) -> Router {
             "/restaurants/{name}/orders/{id}/decline",
             post(staff::decline),
         )
+        .route("/restaurants/{name}/orders/{id}/ready", post(staff::ready))
         .route("/restaurants/{name}/open", post(staff::open))
         .route("/restaurants/{name}/close", post(staff::close))
         .route(

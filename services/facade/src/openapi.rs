@@ -119,6 +119,7 @@ fn problem(description: &str) -> RefOr<Response> {
         crate::events::restaurant_stream,
         crate::staff::confirm,
         crate::staff::decline,
+        crate::staff::ready,
         crate::staff::open,
         crate::staff::close,
         crate::staff::sold_out,

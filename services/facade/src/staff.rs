@@ -10,7 +10,7 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use dishpatch_api::lifecycle::{condition, find};
+use dishpatch_api::lifecycle::{annotation, condition, find};
 use dishpatch_api::order::{ConfirmationDecision, RestaurantDecision};
 use dishpatch_api::{Order, Restaurant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -358,4 +358,65 @@ async fn set_menu_item(
     .await?;
     tracing::info!(restaurant = %name, %item, sold_out, ?stock, by = %caller.0.sub, "menu changed");
     Ok(Json(RestaurantView::from(&patched)))
+}
+
+/// Mark an order ready, in a kitchen the staff run by hand (`kitchen.mode:
+/// Manual`): the kitchen records it, and a courier picks it up.
+#[utoipa::path(post, path = "/api/v1/restaurants/{name}/orders/{id}/ready", tag = "restaurant staff",
+    params(("name" = String, Path), ("id" = String, Path)),
+    responses((status = 202, body = OrderView, description = "Marked; the kitchen records it shortly"),
+        (status = 403, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 404, body = ProblemDetails, content_type = "application/problem+json"),
+        (status = 409, body = ProblemDetails, content_type = "application/problem+json", description = "Not a manual kitchen, or the order is not being prepared")),
+    security(("bearer" = [])))]
+pub async fn ready(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+) -> Result<Response, Problem> {
+    require_staff(&caller, &name)?;
+    let manual = state
+        .caches
+        .restaurant(&name)
+        .ok_or_else(|| Problem::not_found(format!("no restaurant {name}")))?
+        .spec
+        .kitchen
+        .mode
+        == dishpatch_api::restaurant::KitchenMode::Manual;
+    if !manual {
+        return Err(Problem::conflict(format!(
+            "the kitchen of {name} finishes orders by their preparation time"
+        )));
+    }
+    if !is_object_name(&id) {
+        return Err(Problem::not_found(format!("no order {id}")));
+    }
+    let api: Api<Order> = Api::namespaced(state.client.clone(), &state.caches.namespace);
+    let order = match with_timeout(state.api_timeout, api.get_opt(&id)).await? {
+        Some(o) if o.spec.restaurant_ref.name == name => o,
+        _ => return Err(Problem::not_found(format!("no order {id} at {name}"))),
+    };
+    if order.annotations().contains_key(annotation::KITCHEN_READY) {
+        return Ok((StatusCode::ACCEPTED, Json(OrderView::from(&order))).into_response());
+    }
+    let phase = crate::views::phase(&order);
+    if phase != dishpatch_api::OrderPhase::Preparing {
+        return Err(Problem::conflict(format!(
+            "the order is {phase}, not being prepared"
+        )));
+    }
+    let patch = serde_json::json!({
+        "metadata": {"annotations": {annotation::KITCHEN_READY: caller.0.sub}},
+    });
+    let params = PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    let patched = with_timeout(
+        state.api_timeout,
+        api.patch(&id, &params, &Patch::Merge(&patch)),
+    )
+    .await?;
+    tracing::info!(order = %id, restaurant = %name, by = %caller.0.sub, "marked ready");
+    Ok((StatusCode::ACCEPTED, Json(OrderView::from(&patched))).into_response())
 }

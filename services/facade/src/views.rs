@@ -60,6 +60,9 @@ pub struct RestaurantView {
     pub display_name: String,
     pub zone: String,
     pub open: bool,
+    /// The staff mark orders ready (`kitchen.mode: Manual`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub manual_kitchen: bool,
     pub currency: String,
     pub menu: Vec<MenuItemView>,
 }
@@ -91,6 +94,7 @@ impl From<&Restaurant> for RestaurantView {
             display_name: r.spec.display_name.clone(),
             zone: r.spec.zone.clone(),
             open: r.spec.open,
+            manual_kitchen: r.spec.kitchen.mode == dishpatch_api::restaurant::KitchenMode::Manual,
             currency: r.spec.currency.clone(),
             menu,
         }
