@@ -17,11 +17,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use dishpatch_api::courier::Courier;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 
 use crate::app::{ApiJson, AppState};
 use crate::auth::Caller;
-use crate::orders::FIELD_MANAGER;
+use crate::orders::patch_params as params;
 use crate::problem::{Problem, ProblemDetails, with_timeout};
 use crate::views::{CourierOrderView, CourierView, ShiftBody};
 
@@ -41,13 +41,6 @@ fn mine(state: &AppState, caller: &Caller) -> Result<std::sync::Arc<Courier>, Pr
         .caches
         .courier(&caller.0.sub)
         .ok_or_else(|| Problem::not_found(format!("no courier {}", caller.0.sub)))
-}
-
-fn params() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    }
 }
 
 async fn patch(state: &AppState, name: &str, body: serde_json::Value) -> Result<Courier, Problem> {

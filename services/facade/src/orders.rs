@@ -28,6 +28,14 @@ use crate::views::{
 
 /// The field manager of every write the façade makes.
 pub const FIELD_MANAGER: &str = "dishpatch-facade";
+
+/// Patches as the façade's field manager, so `--show-managed-fields` says who wrote.
+pub fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_string()),
+        ..Default::default()
+    }
+}
 /// Header that makes order placement idempotent.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
@@ -565,10 +573,7 @@ pub async fn cancel(
         "spec": {"cancellation": CancellationRequest { reason: body.reason }}
     });
     let api: Api<Order> = Api::namespaced(state.client.clone(), &state.caches.namespace);
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
+    let params = patch_params();
     let patched = with_timeout(
         state.api_timeout,
         api.patch(&id, &params, &Patch::Merge(&patch)),
@@ -625,10 +630,7 @@ pub async fn feedback(
         ));
     }
     let api: Api<Order> = Api::namespaced(state.client.clone(), &state.caches.namespace);
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
+    let params = patch_params();
     // Optimistic concurrency: the patch carries the resourceVersion it
     // checked, so two racing ratings cannot both land.
     for _ in 0..3 {

@@ -14,13 +14,13 @@ use dishpatch_api::lifecycle::{annotation, condition, find};
 use dishpatch_api::order::{ConfirmationDecision, RestaurantDecision};
 use dishpatch_api::{Order, Restaurant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Patch, PatchParams};
+use kube::api::Patch;
 use kube::{Api, ResourceExt};
 use serde::Deserialize;
 
 use crate::app::{ApiJson, AppState};
 use crate::auth::{Caller, Role};
-use crate::orders::{FIELD_MANAGER, is_object_name};
+use crate::orders::{is_object_name, patch_params};
 use crate::problem::{Problem, ProblemDetails, with_timeout};
 use crate::views::{OrderView, RestaurantView};
 
@@ -198,10 +198,7 @@ async fn decide(
         "metadata": {"resourceVersion": order.resource_version()},
         "spec": {"confirmation": decided},
     });
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
+    let params = patch_params();
     let patched = with_timeout(
         state.api_timeout,
         api.patch(id, &params, &Patch::Merge(&patch)),
@@ -257,10 +254,7 @@ async fn set_open(
         return Err(Problem::not_found(format!("no restaurant {name}")));
     }
     let api: Api<Restaurant> = Api::namespaced(state.client.clone(), &state.caches.namespace);
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
+    let params = patch_params();
     let patch = serde_json::json!({"spec": {"open": open}});
     let patched = with_timeout(
         state.api_timeout,
@@ -347,10 +341,7 @@ async fn set_menu_item(
     }
     let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
         .map_err(|e| Problem::internal(e.to_string()))?;
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
+    let params = patch_params();
     let patched = with_timeout(
         state.api_timeout,
         api.patch(name, &params, &Patch::<()>::Json(patch)),
@@ -408,10 +399,7 @@ pub async fn ready(
     let patch = serde_json::json!({
         "metadata": {"annotations": {annotation::KITCHEN_READY: caller.0.sub}},
     });
-    let params = PatchParams {
-        field_manager: Some(FIELD_MANAGER.to_string()),
-        ..Default::default()
-    };
+    let params = patch_params();
     let patched = with_timeout(
         state.api_timeout,
         api.patch(&id, &params, &Patch::Merge(&patch)),
